@@ -1,0 +1,63 @@
+"""A deterministic backend without a model, for scheduler tests and overhead benchmarks.
+
+Words map to ids by crc32; the vector depends only on the real ids (never on padding or batch
+company), so any mis-routing of results shows. Knobs: a sleep per batch and per padded token, and
+magic words that make the batch raise (`__poison__`), run out of memory (`__oom__` in a batch of
+more than one), or kill the device (`__fatal__`). It counts everything the model "ran".
+"""
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FatalBackendError
+from .base import Backend
+
+BOS, EOS, POISON, OOM, FATAL = 1, 2, 3, 4, 5
+_MAGIC = {"__poison__": POISON, "__oom__": OOM, "__fatal__": FATAL}
+
+
+class FakeBackend(Backend):
+    vocab_size = 30000
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.dim = cfg.fake_dim
+        self._freqs = np.arange(1, self.dim + 1, dtype=np.float64) * 0.001
+        self.seen: list[tuple[int, ...]] = []  # every input that reached the "model", in order
+        self.batch_sizes: list[int] = []
+        self.model_thread: threading.Thread | None = None
+
+    def tokenize(self, texts: Sequence[str], truncate: bool) -> list[np.ndarray]:
+        out = []
+        for i, text in enumerate(texts):
+            words = [_MAGIC.get(w) or 10 + zlib.crc32(w.encode()) % (self.vocab_size - 10) for w in text.split()]
+            ids = np.asarray([BOS, *words, EOS], dtype=np.int64)
+            out.append(self._fit(ids, truncate, f"input[{i}]" if len(texts) > 1 else "input", trail=1))
+        return out
+
+    def load(self) -> None:
+        self.model_thread = threading.current_thread()
+
+    def embed(self, batch: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+        assert threading.current_thread() is self.model_thread, "the model ran off the model thread"
+        ids, mask = self.pad_batch(batch, 0)
+        if (ids == FATAL).any():
+            raise FatalBackendError("device lost")
+        if (ids == POISON).any():
+            raise ValueError("poisoned input")
+        if len(batch) > 1 and (ids == OOM).any():
+            raise MemoryError("out of memory")
+        delay = self.cfg.fake_batch_ms / 1e3 + self.cfg.fake_token_us / 1e6 * ids.size
+        if delay:
+            time.sleep(delay)
+        self.seen.extend(tuple(row.tolist()) for row in batch)
+        self.batch_sizes.append(len(batch))
+        vectors = (np.cos(ids[:, :, None] * self._freqs) * mask[:, :, None]).sum(axis=1)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors.astype(np.float32), ids.size

@@ -1,0 +1,33 @@
+"""`batchd serve --config config.toml --set batching.max_wait_ms=2`"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchd", description="Batching inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the configured model over HTTP")
+    serve.add_argument("--config", default=None, help="path of config.toml (defaults when omitted)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config key; may be repeated")
+    serve.add_argument("--bind", default=None, help="hypercorn bind (host:port, unix:PATH or fd://N); "
+                       "overrides server.host/port")
+    serve.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 2
+    from .server import serve_forever  # heavy imports only once the config is known good
+
+    asyncio.run(serve_forever(config, args.bind))
+    return 0

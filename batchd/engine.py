@@ -1,0 +1,171 @@
+"""The engine wires queue, scheduler, model worker and stats, and owns admission and lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .backends import Backend, make_backend
+from .config import Config
+from .errors import (BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, Overloaded,
+                     ShuttingDown)
+from .policy import PolicyParams, bucket_of
+from .queue import RequestQueue
+from .scheduler import Scheduler
+from .stats import Stats
+from .types import ItemResult, Pending
+from .worker import ModelWorker
+
+log = logging.getLogger("batchd.engine")
+
+
+class Engine:
+    """Lifecycle: loading -> ready -> draining -> stopped, or -> dead when the model thread fails."""
+
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend or make_backend(config.model)
+        b = config.batching
+        self.queue = RequestQueue(list(b.buckets))
+        self.worker = ModelWorker(self.backend)
+        self.stats = Stats(lambda: self.queue.depth, lambda: self.scheduler.inflight)
+        params = PolicyParams(b.max_batch_size, b.max_batch_tokens, b.max_wait_ms / 1e3,
+                              b.max_inflight_batches, b.adaptive_wait)
+        self.scheduler = Scheduler(self.queue, self.worker, self.stats, params, self._die)
+        self.state = "loading"
+        self.failure: str | None = None
+        self.active_requests = 0
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm the model on its thread, then start scheduling. /health is 503 until then."""
+        try:
+            await self.worker.load()
+        except Exception as exc:
+            log.exception("model failed to load")
+            self._die(exc)
+            return
+        if self.state == "loading":
+            self._task = asyncio.create_task(self.scheduler.run(), name="batchd-scheduler")
+            self.state = "ready"
+            log.info("model %s ready", self.backend.name)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work, let accepted requests finish. True when all finished within timeout."""
+        if self.state == "ready":
+            self.state = "draining"
+        give_up = time.monotonic() + timeout
+        while self.active_requests and time.monotonic() < give_up:
+            await asyncio.sleep(0.02)
+        return self.active_requests == 0
+
+    async def close(self) -> None:
+        if self.state != "dead":
+            self.state = "stopped"
+        self._fail_queued(ShuttingDown("the server is shutting down"))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.worker.shutdown()
+
+    def _die(self, exc: BaseException) -> None:
+        if self.state == "dead":
+            return
+        log.error("engine dead: %r", exc)
+        self.state, self.failure = "dead", type(exc).__name__
+        self._fail_queued(EngineDead("the model worker failed; the server cannot serve"))
+
+    def _fail_queued(self, exc: BatchdError) -> None:
+        for item in self.queue.drain():
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def check_accepting(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "loading":
+            raise NotReady("the model is still loading")
+        if self.state == "dead":
+            raise EngineDead("the model worker failed; the server cannot serve")
+        raise ShuttingDown("the server is shutting down")
+
+    def submit(self, token_ids: Sequence[np.ndarray], deadline: float) -> list[Pending]:
+        """Admit all inputs of one request or none, fast: refusal beats a hidden queue."""
+        self.check_accepting()
+        max_queue = self.config.batching.max_queue
+        if self.queue.depth + len(token_ids) > max_queue:
+            raise Overloaded(f"queue full: {self.queue.depth} inputs waiting (max_queue={max_queue})",
+                             headers={"Retry-After": self._retry_after()})
+        now = time.monotonic()
+        rate = self.scheduler.cost.tokens_per_s
+        if rate > 0:
+            expected_s = (self.queue.tokens + sum(len(t) for t in token_ids)) / rate
+            if now + expected_s > deadline:
+                raise Overloaded(
+                    f"the queue ahead needs about {expected_s:.1f} s, past this request's deadline",
+                    code="deadline_unmeetable", headers={"Retry-After": self._retry_after()})
+        loop = asyncio.get_running_loop()
+        buckets = self.config.batching.buckets
+        items = [Pending(ids, bucket_of(len(ids), buckets), now, deadline, loop.create_future())  # type: ignore[arg-type]
+                 for ids in token_ids]
+        for item in items:
+            self.queue.push(item)
+            self.scheduler.arrivals.observe(now)
+        self.scheduler.notify()
+        return items
+
+    def _retry_after(self) -> str:
+        rate = self.scheduler.cost.tokens_per_s
+        return str(max(1, math.ceil(self.queue.tokens / rate))) if rate > 0 else "1"
+
+    async def embed(self, token_ids: Sequence[np.ndarray], deadline: float,
+                    client_gone: asyncio.Future | None = None, tokenize_s: float = 0.0) -> list[ItemResult]:
+        """Queue the inputs of one request and wait for all of them, the deadline or the client
+        leaving, whichever comes first. Every accepted request is counted once in one outcome."""
+        started = time.monotonic()
+        items = self.submit(token_ids, deadline)
+        self.stats.request_accepted(len(items), tokenize_s)
+        self.active_requests += 1
+        gathered = asyncio.gather(*(item.future for item in items))
+        outcome, reason = "failed", None
+        try:
+            waits = {gathered, client_gone} if client_gone is not None else {gathered}
+            done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if gathered in done:
+                results = gathered.result()
+                outcome = "completed"
+                return results
+            if client_gone is not None and client_gone in done:
+                raise ClientDisconnected("client disconnected")
+            raise DeadlineExceeded("request deadline passed before its inputs were embedded")
+        except DeadlineExceeded:
+            outcome = "timed_out"
+            raise
+        except ClientDisconnected:
+            outcome = "cancelled"
+            raise
+        except BatchdError as exc:
+            reason = exc.code
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            for item in items:
+                if not item.future.done():
+                    self.queue.cancel(item)  # the model will skip it, even from a formed batch
+                    item.future.cancel()
+            if not gathered.done():
+                gathered.cancel()
+            elif not gathered.cancelled():
+                gathered.exception()  # retrieved, so asyncio logs no "never retrieved" noise
+            self.active_requests -= 1
+            self.stats.request_finished(outcome, time.monotonic() - started, reason)
+            self.scheduler.notify()

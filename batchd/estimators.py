@@ -1,0 +1,61 @@
+"""Online estimates the scheduler and admission control decide with (loop thread only)."""
+from __future__ import annotations
+
+import math
+
+
+class ArrivalGap:
+    """Exponentially weighted mean gap between input arrivals, in seconds."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.mean = math.inf
+        self._last: float | None = None
+
+    def observe(self, now: float) -> None:
+        if self._last is not None:
+            gap = now - self._last
+            self.mean = gap if math.isinf(self.mean) else self.mean + self.alpha * (gap - self.mean)
+        self._last = now
+
+    def expected(self, now: float) -> float:
+        """The gap to expect from now; a long silence raises it, so an idle server never waits."""
+        if self._last is None:
+            return math.inf
+        return max(self.mean, now - self._last)
+
+
+class BatchCost:
+    """Model time of a batch fitted as `overhead + per_token * padded_tokens` by exponentially
+    weighted least squares, so the fixed cost a merged batch saves is known, and the drain rate
+    (real tokens per second of model time) for Retry-After and deadline admission."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._real = self._time = 0.0
+
+    def observe(self, padded_tokens: int, real_tokens: int, seconds: float) -> None:
+        d = self.decay
+        x, y = float(padded_tokens), seconds
+        self._n = d * self._n + 1
+        self._sx = d * self._sx + x
+        self._sy = d * self._sy + y
+        self._sxx = d * self._sxx + x * x
+        self._sxy = d * self._sxy + x * y
+        self._real = d * self._real + real_tokens
+        self._time = d * self._time + seconds
+
+    @property
+    def overhead_s(self) -> float:
+        """Fixed cost of one batch; 0 until two different batch sizes were seen."""
+        var = self._n * self._sxx - self._sx * self._sx
+        if self._n < 2 or var <= 1e-9 * max(1.0, self._sxx):
+            return 0.0
+        slope = (self._n * self._sxy - self._sx * self._sy) / var
+        return max(0.0, (self._sy - slope * self._sx) / self._n)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real tokens the model gets through per second; 0 while unknown."""
+        return self._real / self._time if self._time > 0 else 0.0
