@@ -38,9 +38,9 @@ class Backend(ABC):
             param = f"input[{i}]" if len(rows) > 1 else "input"
             if len(row) == 0:
                 raise InvalidRequest("token list must not be empty", param=param)
-            arr = np.asarray(row, dtype=np.int64)
-            if arr.min() < 0 or arr.max() >= self.vocab_size:
+            if min(row) < 0 or max(row) >= self.vocab_size:  # before numpy: huge ints overflow int64
                 raise InvalidRequest(f"token ids must be within 0..{self.vocab_size - 1}", param=param)
+            arr = np.asarray(row, dtype=np.int64)
             out.append(self._fit(arr, truncate, param))
         return out
 
