@@ -129,7 +129,11 @@ class Engine:
         """Queue the inputs of one request and wait for all of them, the deadline or the client
         leaving, whichever comes first. Every accepted request is counted once in one outcome."""
         started = time.monotonic()
-        items = self.submit(token_ids, deadline)
+        try:
+            items = self.submit(token_ids, deadline)
+        except BatchdError as exc:  # refused at admission: not accepted, counted by reason
+            self.stats.request_rejected(exc.code or type(exc).__name__)
+            raise
         self.stats.request_accepted(len(items), tokenize_s)
         self.active_requests += 1
         gathered = asyncio.gather(*(item.future for item in items))

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..engine import Engine
-from ..errors import (InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType)
+from ..errors import (BatchdError, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType)
 from ..types import ItemResult
 from .schemas import EmbeddingRequest
 
@@ -61,9 +61,13 @@ def decode_request(body: bytes) -> EmbeddingRequest:
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
+        if param is None and "missing required field `" in text:
+            param = text.rsplit("missing required field `", 1)[1].split("`", 1)[0]
         raise InvalidRequest(f"invalid request body: {text}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # msgspec refuses very deep nesting this way; a client error, not a 500
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
 
 
 def split_inputs(raw: object, max_inputs: int) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -108,32 +112,36 @@ def request_timeout(request: Request, default: float) -> float:
 
 async def embeddings(request: Request) -> Response:
     engine = _engine(request)
-    check_api_key(request)
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
-    server_cfg = engine.config.server
-    received = time.monotonic()
-    deadline = received + request_timeout(request, server_cfg.request_timeout_s)
-    body = await read_body(request, server_cfg.max_body_bytes)
-    req = decode_request(body)
-    backend = engine.backend
-    if req.model is not None and req.model != backend.name:
-        raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {backend.name!r}",
-                            param="model")
-    if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
-        raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")
-    engine.check_accepting()  # before tokenizing: a loading or draining server answers at once
-    texts, token_rows = split_inputs(req.input, engine.config.batching.max_inputs_per_request)
-    truncate = engine.config.model.truncate if req.truncate is None else req.truncate
-    started = time.perf_counter()
-    if texts is not None:
-        if server_cfg.log_inputs:
-            log.info("embedding inputs: %r", texts)
-        token_ids = backend.tokenize(texts, truncate)
-    else:
-        token_ids = backend.check_token_ids(token_rows, truncate)  # type: ignore[arg-type]
-    tokenize_s = time.perf_counter() - started
+    try:  # refusals before the engine accepts the request are counted by reason
+        check_api_key(request)
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
+        server_cfg = engine.config.server
+        received = time.monotonic()
+        deadline = received + request_timeout(request, server_cfg.request_timeout_s)
+        body = await read_body(request, server_cfg.max_body_bytes)
+        req = decode_request(body)
+        backend = engine.backend
+        if req.model is not None and req.model != backend.name:
+            raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {backend.name!r}",
+                                param="model")
+        if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
+            raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")
+        engine.check_accepting()  # before tokenizing: a loading or draining server answers at once
+        texts, token_rows = split_inputs(req.input, engine.config.batching.max_inputs_per_request)
+        truncate = engine.config.model.truncate if req.truncate is None else req.truncate
+        started = time.perf_counter()
+        if texts is not None:
+            if server_cfg.log_inputs:
+                log.info("embedding inputs: %r", texts)
+            token_ids = backend.tokenize(texts, truncate)
+        else:
+            token_ids = backend.check_token_ids(token_rows, truncate)  # type: ignore[arg-type]
+        tokenize_s = time.perf_counter() - started
+    except BatchdError as exc:
+        engine.stats.request_rejected(exc.code or type(exc).__name__)
+        raise
 
     client_gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
