@@ -76,8 +76,9 @@ class BatchingConfig(_Section):
         _check(all(b > 0 for b in self.buckets), "batching.buckets must be positive")
         _check(list(self.buckets) == sorted(set(self.buckets)), "batching.buckets must be strictly increasing")
         _check(
-            self.max_batch_tokens >= self.buckets[-1],
-            f"batching.max_batch_tokens ({self.max_batch_tokens}) must be >= the largest bucket ({self.buckets[-1]})",
+            self.max_batch_tokens == 0 or self.max_batch_tokens >= self.buckets[-1],
+            f"batching.max_batch_tokens ({self.max_batch_tokens}) must be 0 (measure at start) "
+            f"or >= the largest bucket ({self.buckets[-1]})",
         )
         _check(self.max_queue >= 1, "batching.max_queue must be >= 1")
         _check(self.max_inflight_batches in (1, 2), "batching.max_inflight_batches must be 1 or 2")

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import calibrate
 from .backends import Backend, make_backend
 from .config import Config
 from .errors import (BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, Overloaded,
@@ -46,6 +47,8 @@ class Engine:
         """Load and warm the model on its thread, then start scheduling. /health is 503 until then."""
         try:
             await self.worker.load()
+            if self.config.batching.max_batch_tokens == 0:
+                await self._calibrate_budget()
         except Exception as exc:
             log.exception("model failed to load")
             self._die(exc)
@@ -54,6 +57,18 @@ class Engine:
             self._task = asyncio.create_task(self.scheduler.run(), name="batchd-scheduler")
             self.state = "ready"
             log.info("model %s ready", self.backend.name)
+
+    async def _calibrate_budget(self) -> None:
+        """max_batch_tokens = 0: measure the model on the longest bucket and size the budget to it."""
+        b = self.config.batching
+        points = await self.worker.call(calibrate.measure, self.backend.embed, b.buckets[-1], b.max_batch_size,
+                                        self.backend.calibration_token_id)
+        budget = max(calibrate.choose_budget(points), b.buckets[-1])
+        for tokens, seconds in points:  # a head start for the cost model behind the adaptive wait
+            self.scheduler.cost.observe(tokens, tokens, seconds)
+        self.scheduler.set_token_budget(budget)
+        log.info("token budget calibrated: %d padded tokens per batch (measured %s)", budget,
+                 ", ".join(f"{t} tok: {s * 1e3:.0f} ms" for t, s in points))
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, let accepted requests finish. True when all finished within timeout."""

@@ -34,6 +34,9 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._budget_restore_at = 0.0
 
+    def set_token_budget(self, max_batch_tokens: int) -> None:
+        self.base_params = self.params = dataclasses.replace(self.base_params, max_batch_tokens=max_batch_tokens)
+
     def notify(self) -> None:
         """New work arrived (or left): plan again."""
         self._wakeup.set()

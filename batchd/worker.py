@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from .backends import Backend
 from .errors import FatalBackendError
 from .types import BatchOutcome, Pending
+
+T = TypeVar("T")
 
 
 class ModelWorker:
@@ -22,7 +24,11 @@ class ModelWorker:
         self.dead: BaseException | None = None
 
     async def load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.load)
+        await self.call(self.backend.load)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the model thread (start-up work such as loading and calibration)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def submit(self, items: Sequence[Pending]) -> asyncio.Future[BatchOutcome]:
         return asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, items)

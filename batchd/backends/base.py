@@ -17,6 +17,7 @@ from ..errors import InvalidRequest
 
 class Backend(ABC):
     name: str
+    calibration_token_id = 1000  # an ordinary token, for timing batches at start-up
     dim: int
     max_length: int
     vocab_size: int
