@@ -41,6 +41,7 @@ class Engine:
         self.failure: str | None = None
         self.active_requests = 0
         self._task: asyncio.Task | None = None
+        self._stopping: asyncio.Future | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -77,7 +78,21 @@ class Engine:
         give_up = time.monotonic() + timeout
         while self.active_requests and time.monotonic() < give_up:
             await asyncio.sleep(0.02)
-        return self.active_requests == 0
+        if not self.active_requests:
+            return True
+        # Out of time: answer the rest 503 now, rather than let the HTTP server cut them off (a bare 500).
+        if not self._stop_waiting().done():
+            self._stop_waiting().set_result(None)
+        give_up = time.monotonic() + 1.0
+        while self.active_requests and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        return False
+
+    def _stop_waiting(self) -> asyncio.Future:
+        """Resolved when accepted requests must stop waiting (the drain timed out)."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
 
     async def close(self) -> None:
         if self.state != "dead":
@@ -154,7 +169,8 @@ class Engine:
         gathered = asyncio.gather(*(item.future for item in items))
         outcome, reason = "failed", None
         try:
-            waits = {gathered, client_gone} if client_gone is not None else {gathered}
+            stopping = self._stop_waiting()
+            waits = {gathered, stopping} | ({client_gone} if client_gone is not None else set())
             done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
             if gathered in done:
@@ -163,6 +179,8 @@ class Engine:
                 return results
             if client_gone is not None and client_gone in done:
                 raise ClientDisconnected("client disconnected")
+            if stopping in done:
+                raise ShuttingDown("the server shut down before this request finished (drain timeout)")
             raise DeadlineExceeded("request deadline passed before its inputs were embedded")
         except DeadlineExceeded:
             outcome = "timed_out"
