@@ -367,9 +367,11 @@ async def test_drain_timeout_then_close_fails_the_leftovers_with_503():
         accepted = [asyncio.create_task(client.post(URL, json={"input": f"a{i}"})) for i in range(3)]
         await until(lambda: gate.entered == 1 and engine.queue.depth == 2)
         assert await engine.drain(0.1) is False
-        await engine.close()
-        gate.open()
         responses = await asyncio.wait_for(asyncio.gather(*accepted), timeout=10)
-        # the running batch still answers; the queued ones are told, not left waiting
-        assert [r.status_code for r in responses] == [200, 503, 503]
-        assert {error_of(r)["code"] for r in responses[1:]} == {"shutting_down"}
+        gate.open()
+        await engine.close()
+        # told, not left waiting nor cut off: the unfinished ones get 503 shutting_down at the drain timeout
+        assert [r.status_code for r in responses] == [503, 503, 503]
+        assert {error_of(r)["code"] for r in responses} == {"shutting_down"}
+        assert engine.stats.outcomes["failed"] == 3 and engine.active_requests == 0
+        assert text_row(engine, "a1") not in engine.backend.seen  # the queued ones never ran
