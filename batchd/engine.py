@@ -48,6 +48,7 @@ class Engine:
         """Load and warm the model on its thread, then start scheduling. /health is 503 until then."""
         try:
             await self.worker.load()
+            await self._probe_cost()
             if self.config.batching.max_batch_tokens == 0:
                 await self._calibrate_budget()
         except Exception as exc:
@@ -58,6 +59,15 @@ class Engine:
             self._task = asyncio.create_task(self.scheduler.run(), name="batchd-scheduler")
             self.state = "ready"
             log.info("model %s ready", self.backend.name)
+
+    async def _probe_cost(self) -> None:
+        """Time a few small batches so the cost model knows a batch's fixed cost from the first
+        request on (the adaptive wait and lane merging depend on it)."""
+        length = self.config.batching.buckets[0] * 4
+        points = await self.worker.call(calibrate.measure, self.backend.embed, length,
+                                        min(8, self.config.batching.max_batch_size), self.backend.calibration_token_id)
+        for tokens, seconds in points:
+            self.scheduler.cost.observe(tokens, tokens, seconds)
 
     async def _calibrate_budget(self) -> None:
         """max_batch_tokens = 0: measure the model on the longest bucket and size the budget to it."""

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
+MAX_MERGED_PADDING = 0.15  # lane merges never pad a batch (estimated by lane lengths) beyond this
+
+
 @dataclass(frozen=True, slots=True)
 class BucketView:
     """What the policy may see of one length bucket: its padded length, live count, oldest arrival."""
@@ -26,8 +29,17 @@ class PolicyParams:
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    bucket: int
-    size: int
+    """Take `count` oldest inputs from each `(bucket, count)` lane, shortest lane first."""
+    takes: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(count for _, count in self.takes)
+
+    @property
+    def bucket(self) -> int:
+        """The longest lane taken: no input of the batch is longer."""
+        return self.takes[-1][0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,7 @@ def plan_batch(
     inflight: int,
     arrival_gap_s: float = math.inf,
     batch_overhead_s: float = 0.0,
+    merge_tokens: float = 0.0,
 ) -> Dispatch | Hold | None:
     """Decide the next batch.
 
@@ -72,21 +85,58 @@ def plan_batch(
     `max_wait_s`. Either way the oldest never waits past `max_wait_s` for an idle worker.
     `None` means: nothing to do until new work arrives or a batch finishes.
     """
-    live = [b for b in buckets if b.count > 0]
+    live = sorted((b for b in buckets if b.count > 0), key=lambda b: b.length)
     if not live or inflight >= params.max_inflight:
         return None
-    head = min(live, key=lambda b: (b.oldest, b.length))
-    cap = batch_capacity(head.length, params)
-    size = min(head.count, cap)
-    if size == cap:
-        return Dispatch(head.length, size)
+    head = min(range(len(live)), key=lambda i: (live[i].oldest, live[i].length))
+    takes, cap = merge_lanes(live, head, params, merge_tokens)
+    batch = Dispatch(takes)
+    if batch.size == cap:
+        return batch
     if inflight > 0:
         return None  # the worker is busy: more inputs can still join before it frees up
-    overdue_at = head.oldest + params.max_wait_s
+    overdue_at = live[head].oldest + params.max_wait_s
     if now >= overdue_at:
-        return Dispatch(head.length, size)
+        return batch
     if params.adaptive:
         if arrival_gap_s < batch_overhead_s:
             return Hold(min(overdue_at, now + arrival_gap_s))
-        return Dispatch(head.length, size)
+        return batch
     return Hold(overdue_at)
+
+
+def merge_lanes(live: Sequence[BucketView], head: int, params: PolicyParams,
+                merge_tokens: float) -> tuple[tuple[tuple[int, int], ...], int]:
+    """The head lane's oldest inputs, joined by neighbouring lanes while the batch has room and a
+    merge adds at most `merge_tokens` padded tokens (what one batch's fixed cost is worth, so a
+    merge never costs more than the batch it saves) and the batch stays under MAX_MERGED_PADDING
+    (a guard for when the cost estimate is off, e.g. on a busy machine).
+    Returns the takes (shortest lane first) and the batch's capacity."""
+    lo = hi = head
+    cap = batch_capacity(live[head].length, params)
+    taken = {head: min(live[head].count, cap)}
+    size, padding = taken[head], 0
+    while size < cap:
+        options = []
+        if lo > 0:  # shorter inputs, padded up to this batch's longest
+            lane = live[lo - 1]
+            k = min(lane.count, cap - size)
+            extra = k * (live[hi].length - lane.length)
+            options.append((extra / k, lo - 1, k, extra))
+        if hi + 1 < len(live):  # longer inputs: everyone already taken pads further
+            lane = live[hi + 1]
+            k = min(lane.count, batch_capacity(lane.length, params) - size)
+            if k > 0:
+                extra = size * (lane.length - live[hi].length)
+                options.append((extra / k, hi + 1, k, extra))
+        if not options:
+            break
+        _, lane_index, k, extra = min(options)
+        longest = max(live[hi].length, live[lane_index].length)
+        if extra > merge_tokens or padding + extra > MAX_MERGED_PADDING * (size + k) * longest:
+            break
+        taken[lane_index] = k
+        size, padding = size + k, padding + extra
+        lo, hi = min(lo, lane_index), max(hi, lane_index)
+        cap = batch_capacity(live[hi].length, params)
+    return tuple((live[i].length, taken[i]) for i in sorted(taken)), cap

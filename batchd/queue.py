@@ -40,6 +40,10 @@ class RequestQueue:
                 out.append(BucketView(length, self._live[length], lane[0].arrival))
         return out
 
+    def take(self, takes: tuple[tuple[int, int], ...]) -> list[Pending]:
+        """The oldest live inputs of each (bucket, count) lane, in lane order."""
+        return [item for bucket, count in takes for item in self.pop(bucket, count)]
+
     def pop(self, bucket: int, size: int) -> list[Pending]:
         lane = self._lanes[bucket]
         taken: list[Pending] = []

@@ -49,7 +49,7 @@ class Scheduler:
             if self._budget_restore_at and now >= self._budget_restore_at:
                 self.params, self._budget_restore_at = self.base_params, 0.0
             decision = plan_batch(self.queue.views(), now, self.params, self.inflight,
-                                  self.arrivals.expected(now), self.cost.overhead_s)
+                                  self.arrivals.expected(now), self.cost.overhead_s, self.cost.merge_tokens)
             if isinstance(decision, Dispatch):
                 self._dispatch(decision, now)
                 continue
@@ -60,7 +60,7 @@ class Scheduler:
 
     def _dispatch(self, decision: Dispatch, now: float) -> None:
         batch = []
-        for item in self.queue.pop(decision.bucket, decision.size):
+        for item in self.queue.take(decision.takes):
             if now > item.deadline:  # expired while queued: never reaches the model
                 _complete(item.future, exc=DeadlineExceeded("request deadline passed while queued"))
             else:

@@ -203,7 +203,8 @@ async def stats(request: Request) -> Response:
     check_api_key(request)
     engine = _engine(request)
     return json_response({"model": engine.backend.name, "state": engine.state,
-                          "max_batch_tokens": engine.scheduler.params.max_batch_tokens, **engine.stats.snapshot()})
+                          "max_batch_tokens": engine.scheduler.params.max_batch_tokens,
+                          "cost_model": engine.scheduler.cost.snapshot(), **engine.stats.snapshot()})
 
 
 async def stats_reset(request: Request) -> Response:

@@ -18,12 +18,13 @@ from ..config import ModelConfig
 from ..errors import FatalBackendError
 from .base import Backend
 
-BOS, EOS, POISON, OOM, FATAL = 1, 2, 3, 4, 5
+BOS, EOS, POISON, OOM, FATAL, PROBE = 1, 2, 3, 4, 5, 6  # words map to ids >= 10
 _MAGIC = {"__poison__": POISON, "__oom__": OOM, "__fatal__": FATAL}
 
 
 class FakeBackend(Backend):
     vocab_size = 30000
+    calibration_token_id = PROBE  # start-up timing batches: not counted in `seen`
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -56,8 +57,9 @@ class FakeBackend(Backend):
         delay = self.cfg.fake_batch_ms / 1e3 + self.cfg.fake_token_us / 1e6 * ids.size
         if delay:
             time.sleep(delay)
-        self.seen.extend(tuple(row.tolist()) for row in batch)
-        self.batch_sizes.append(len(batch))
+        if not (ids == PROBE).any():
+            self.seen.extend(tuple(row.tolist()) for row in batch)
+            self.batch_sizes.append(len(batch))
         vectors = (np.cos(ids[:, :, None] * self._freqs) * mask[:, :, None]).sum(axis=1)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors.astype(np.float32), ids.size
