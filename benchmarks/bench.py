@@ -1,0 +1,214 @@
+"""The benchmark: references and batchd measured together in one run, reported as ratios.
+
+Order (each step bounded in requests and time):
+  1. workload (stdlib docstrings, fixed seed) and its token-length distribution
+  2. client ceiling: the load generator against a canned-response server
+  3. offline ceiling: the model fed sorted, token-budgeted batches directly (+ batch-1 forward time)
+  4. batchd (the given config): c=1 latency, closed loop, length mixes, N-input requests, open loop
+  5. no-batching server: the same app with batching.max_batch_size=1
+  6. scheduler overhead: batchd with the 0-ms fake backend vs a bare Starlette+Hypercorn route
+  7. bfloat16: batchd with model.dtype=bfloat16 vs its own bf16 offline ceiling
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from . import servers, workload
+from .harness import RESULTS, CpuLayout, Run, wait_idle
+from .report import summarise
+
+
+@dataclass
+class Profile:
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512])
+    nobatch_concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    open_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9, 1.1, 1.4])
+    mixes_at: int = 128
+    mix_duration_s: float = 3.0
+    list_sizes: list[int] = field(default_factory=lambda: [8, 32])
+    list_concurrency: int = 8
+    ceiling_s: float = 3.0
+    ceiling_mix_s: float = 2.5
+    overhead_concurrency: int = 64
+    overhead_rounds: int = 2
+    overhead_s: float = 3.0
+    workload_size: int = 4000
+
+
+PROFILES = {
+    "quick": Profile(),
+    "full": Profile(duration_s=10.0, warmup_s=2.0, concurrencies=[1, 2, 8, 32, 64, 128, 256, 512],
+                    nobatch_concurrencies=[1, 8, 32, 128, 512],
+                    open_fractions=[0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0],
+                    mix_duration_s=8.0, list_sizes=[4, 16, 64], ceiling_s=8.0, ceiling_mix_s=6.0,
+                    overhead_rounds=3, overhead_s=5.0),
+}
+
+
+def run_bench(profile_name: str = "quick", config: str = "config.toml", overrides: list[str] | None = None,
+              layout: str = "shared") -> Run:
+    p = PROFILES[profile_name]
+    overrides = list(overrides or [])
+    run = Run(f"bench-{profile_name}", CpuLayout(layout))
+    cfg_overrides = overrides + run.layout.overrides
+    from batchd.config import load_config
+
+    cfg = load_config(str(servers.ROOT / config), cfg_overrides)
+    run.emit({"kind": "meta", "profile": profile_name, "config": config, "overrides": cfg_overrides,
+              "cpu": run.layout.describe(), "batching": {"max_wait_ms": cfg.batching.max_wait_ms,
+              "max_batch_size": cfg.batching.max_batch_size, "max_batch_tokens": cfg.batching.max_batch_tokens,
+              "buckets": cfg.batching.buckets}, "model": cfg.model.name, "dtype": cfg.model.dtype})
+    run.log(f"results -> {run.dir}  (cpu layout: {run.layout.describe()})")
+
+    # 1. workload -----------------------------------------------------------------------------------
+    works = workload.build(cfg.model.max_length, p.workload_size, cache_dir=RESULTS)
+    for w in works.values():
+        d = run.emit({"kind": "workload", **w.describe()})
+        run.log(f"workload {d['mix']:8s} {d['texts']} texts, tokens mean {d['tokens_mean']} p50 {d['tokens_p50']} "
+                f"p90 {d['tokens_p90']} p99 {d['tokens_p99']} max {d['tokens_max']}")
+    real = works["real"]
+    model = cfg.model.name
+    real_bodies = run.bodies(real, 1, model)
+    # the c=1 text: the real mix's median-length text, the same one timed offline at batch 1
+    median_tokens = sorted(real.tokens)[len(real.tokens) // 2]
+    c1_index = real.tokens.index(median_tokens)
+    c1_bodies = run.bodies(real, 1, model, only=[c1_index])
+
+    # 2. client ceiling -----------------------------------------------------------------------------
+    with servers.running(servers.trivial(run.layout.server)) as (srv,):
+        r = run.load(srv, real_bodies, concurrency=64, duration_s=3.0, warmup_s=0.5)
+        run.emit({"kind": "client_ceiling", "server": "trivial", "concurrency": 64, **r})
+        run.log(f"client ceiling (canned-response server, c=64): {r['req_s']:.0f} req/s, client cpu {r['client_cpu']:.2f}")
+
+    latest: dict[tuple[str, str], float] = {}  # (dtype tag, mix) -> latest ceiling texts/s
+
+    def reading(ceil, tag: str, mix: str, seconds: float, when: str) -> float:
+        v = ceil.mix(works[mix], seconds)
+        latest[(tag, mix)] = v["texts_s"]
+        run.emit({"kind": "ceiling", "tag": tag, "mix": mix, "when": when, **v})
+        run.log(f"offline ceiling [{tag}] {mix:8s} ({when}): {v['texts_s']:6.1f} texts/s, {v['tokens_s']:6.0f} tokens/s, "
+                f"mean batch {v['mean_batch_size']:.1f}, padding {v['padding_ratio']:.1%}")
+        return v["texts_s"]
+
+    def closed_point(srv, server: str, c: int, bodies, mix: str = "real", per_request: int = 1,
+                     duration: float | None = None, kind: str = "closed", offset: int = 0, tag: str = "fp32",
+                     ceiling_texts_s: float | None = None) -> dict:
+        wait_idle(srv)
+        srv.reset_stats()
+        r = run.load(srv, bodies, concurrency=c, duration_s=duration or p.duration_s, warmup_s=p.warmup_s,
+                     offset=offset)
+        st = srv.stats()
+        ceil = ceiling_texts_s or latest.get((tag, mix))
+        rec = run.emit({"kind": kind, "server": server, "mix": mix, "per_request": per_request, "concurrency": c,
+                        **r, "stats": _stats_brief(st), **srv.rss_mb(), "ceiling_texts_s": ceil,
+                        "vs_ceiling": r["texts_s"] / ceil if ceil and kind != "c1" else None})
+        run.log(f"{server:10s} {kind:6s} {mix:7s} n={per_request:<3d} c={c:<4d} {r['texts_s']:7.1f} texts/s "
+                f"{r['tokens_s']:6.0f} tok/s p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} err {r['errors']} "
+                f"batch {rec['stats'].get('mean_batch_size', 0):4.1f} pad {rec['stats'].get('padding_ratio', 0):5.1%}"
+                + (f" = {rec['vs_ceiling']:.2f}x ceiling" if rec["vs_ceiling"] else ""))
+        return rec
+
+    # 3.-5. offline ceiling, batchd and the no-batching server side by side ------------------------------
+    # All three load at once and stay up (idle ones cost no CPU), so readings can be interleaved:
+    # each batchd point sits next to the no-batching point and the ceiling reading it is compared with.
+    ceil = run.ceiling(config, overrides)
+    try:
+        with servers.running(servers.batchd(cfg_overrides, config, run.layout.server),
+                             servers.batchd(cfg_overrides + ["batching.max_batch_size=1"], config,
+                                            run.layout.server, name="no-batch")) as (bd, nb):
+            info = ceil.wait_ready()
+            run.emit({"kind": "rss", "server": "batchd", "when": "idle", **bd.rss_mb()})
+            for L, v in ceil.batch1([real.texts[c1_index]], 2.0).items():
+                run.emit({"kind": "batch1", "tag": "fp32", "tokens": int(L), **v})
+                run.log(f"offline batch-1 forward ({L} tokens): p50 {v['p50_ms']:.2f} ms")
+            closed_point(bd, "batchd", 1, c1_bodies, mix="c1-text", duration=3.0, kind="c1")
+            reading(ceil, "fp32", "real", p.ceiling_s, "start")
+            run.emit({"kind": "ceiling_info", "tag": "fp32", **info})
+            for i, c in enumerate(p.concurrencies):
+                if c == p.mixes_at:  # the saturation point: bracket it with ceiling readings
+                    before = reading(ceil, "fp32", "real", p.ceiling_s, f"before c={c}")
+                    rec = closed_point(bd, "batchd", c, real_bodies, offset=i * 997)
+                    after = reading(ceil, "fp32", "real", p.ceiling_s, f"after c={c}")
+                    rec["ceiling_texts_s"] = (before + after) / 2
+                    rec["vs_ceiling"] = rec["texts_s"] / rec["ceiling_texts_s"]
+                    run.emit({"kind": "saturation", "concurrency": c, "texts_s": rec["texts_s"],
+                              "ceiling_before": before, "ceiling_after": after, "vs_ceiling": rec["vs_ceiling"]})
+                    run.log(f"  saturation: {rec['texts_s']:.1f} texts/s vs ceiling {before:.1f}/{after:.1f} "
+                            f"= {rec['vs_ceiling']:.2f}x")
+                else:
+                    closed_point(bd, "batchd", c, real_bodies, offset=i * 997)
+                if c in p.nobatch_concurrencies:
+                    closed_point(nb, "no-batch", c, real_bodies, offset=i * 997)
+            for m in ("short", "long", "bimodal"):
+                reading(ceil, "fp32", m, p.ceiling_mix_s, "before")
+                closed_point(bd, "batchd", p.mixes_at, run.bodies(works[m], 1, model), mix=m, duration=p.mix_duration_s)
+            for n in p.list_sizes:
+                closed_point(bd, "batchd", p.list_concurrency, run.bodies(real, n, model), per_request=n,
+                             duration=p.duration_s, kind="list")
+            ceiling_texts_s = latest[("fp32", "real")]
+            for i, f in enumerate(p.open_fractions):
+                rate = f * ceiling_texts_s
+                wait_idle(bd)
+                bd.reset_stats()
+                r = run.load(bd, real_bodies, mode="open", rate=rate, duration_s=p.duration_s, warmup_s=p.warmup_s,
+                             offset=i * 1499, seed=i + 1)
+                st = bd.stats()
+                run.emit({"kind": "open", "server": "batchd", "mix": "real", "offered_rps": rate, "fraction": f,
+                          "ceiling_texts_s": ceiling_texts_s, **r, "stats": _stats_brief(st)})
+                run.log(f"batchd     open   rate {rate:6.0f}/s ({f:.2f}x ceiling): {r['texts_s']:6.1f} texts/s "
+                        f"p50 {_ms(r['p50_ms'])} p90 {_ms(r['p90_ms'])} p99 {_ms(r['p99_ms'])} err {r['errors']} "
+                        f"conns {r['connections']}")
+            run.emit({"kind": "rss", "server": "batchd", "when": "end", **bd.rss_mb()})
+    finally:
+        ceil.close()
+
+    # 6. scheduler overhead: 0-ms fake backend vs bare Starlette+Hypercorn, interleaved, best of rounds --
+    c = p.overhead_concurrency
+    with servers.running(servers.bare(run.layout.server),
+                         servers.batchd(cfg_overrides + ["model.backend=fake"], config, run.layout.server,
+                                        name="batchd-fake")) as pair:
+        for rnd in range(p.overhead_rounds):
+            for srv in pair:
+                r = run.load(srv, real_bodies, concurrency=c, duration_s=p.overhead_s, warmup_s=0.5)
+                run.emit({"kind": "overhead", "server": srv.name, "concurrency": c, "round": rnd, **r})
+                run.log(f"{srv.name:12s} c={c} round {rnd}: {r['req_s']:.0f} req/s p50 {_ms(r['p50_ms'])} "
+                        f"err {r['errors']} client cpu {r['client_cpu']:.2f}")
+
+    # 7. bfloat16: batchd bf16 bracketed by its own bf16 ceiling -----------------------------------------
+    ceil = run.ceiling(config, overrides + ["model.dtype=bfloat16"])
+    try:
+        with servers.running(servers.batchd(cfg_overrides + ["model.dtype=bfloat16"], config, run.layout.server,
+                                            name="batchd-bf16")) as (srv,):
+            ceil.wait_ready()
+            before = reading(ceil, "bf16", "real", p.ceiling_s, "before")
+            rec = closed_point(srv, "batchd-bf16", p.mixes_at, real_bodies, tag="bf16")
+            after = reading(ceil, "bf16", "real", p.ceiling_s, "after")
+            rec["ceiling_texts_s"] = (before + after) / 2
+            rec["vs_ceiling"] = rec["texts_s"] / rec["ceiling_texts_s"]
+            run.emit({"kind": "saturation_bf16", "concurrency": p.mixes_at, "texts_s": rec["texts_s"],
+                      "ceiling_before": before, "ceiling_after": after, "vs_ceiling": rec["vs_ceiling"]})
+    finally:
+        ceil.close()
+
+    summarise(run)
+    return run
+
+
+def _ms(v) -> str:
+    return f"{v:7.1f} ms" if v is not None else "      - ms"
+
+
+def _stats_brief(st: dict) -> dict:
+    keys = ("requests_total", "inputs_total", "batches_total", "mean_batch_size", "padding_ratio", "real_tokens",
+            "padded_tokens", "model_calls", "outcomes", "rejections", "batch_size_histogram", "latency_ms")
+    return {k: st.get(k) for k in keys if k in st}
+
+
+if __name__ == "__main__":
+    t = time.time()
+    run = run_bench()
+    print(json.dumps({"dir": str(run.dir), "seconds": time.time() - t}))

@@ -1,0 +1,166 @@
+"""Shared plumbing: the results folder, JSON-lines output, progress lines, CPU layout, request-body
+files, and running the load generator / ceiling as their own processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .servers import ROOT, Server
+from .workload import Workload
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class CpuLayout:
+    """Where processes run. On a shared 2-core machine the model needs every core for a meaningful
+    ceiling, so by default ("shared") the servers and the ceiling get all CPUs and only the client
+    is pinned (to the last CPU); the client's CPU share is reported per point so its cost is visible.
+    "split" gives the servers and the ceiling CPUs[:-1] (torch_threads to match) and the client the
+    last CPU alone: no interference, but a smaller model."""
+
+    def __init__(self, mode: str) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        self.mode = mode
+        self.client = [cpus[-1]]
+        if mode == "split" and len(cpus) > 1:
+            self.server: list[int] | None = cpus[:-1]
+            self.overrides = [f"model.torch_threads={len(cpus) - 1}"]
+        else:
+            self.server = None
+            self.overrides = []
+
+    def describe(self) -> dict:
+        return {"layout": self.mode, "cpus": sorted(os.sched_getaffinity(0)), "client_cpus": self.client,
+                "server_cpus": self.server or "all", "extra_overrides": self.overrides}
+
+
+class Run:
+    def __init__(self, name: str, layout: CpuLayout, out_dir: Path | None = None) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.dir = out_dir or RESULTS / f"{name}-{stamp}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.dir / "results.jsonl"
+        self.layout = layout
+        self.t0 = time.monotonic()
+        self.records: list[dict] = []
+        self._bodies: dict[tuple, Path] = {}
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def emit(self, record: dict) -> dict:
+        record = {"t": round(time.monotonic() - self.t0, 2), **record}
+        self.records.append(record)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    # ---- request bodies -------------------------------------------------------------------------
+    def bodies(self, work: Workload, per_request: int = 1, model: str | None = None,
+               only: list[int] | None = None) -> Path:
+        """A JSON-lines file of pre-made request bodies: N consecutive texts per request."""
+        key = (work.name, per_request, model, tuple(only or ()))
+        if key not in self._bodies:
+            idx = only if only is not None else list(range(len(work.texts)))
+            path = self.dir / f"bodies-{work.name}-n{per_request}{'-only' if only else ''}.jsonl"
+            with path.open("w") as f:
+                for i in range(0, len(idx) - per_request + 1, per_request):
+                    chunk = idx[i:i + per_request]
+                    texts = [work.texts[j] for j in chunk]
+                    body = {"input": texts[0] if per_request == 1 else texts}
+                    if model:
+                        body["model"] = model
+                    f.write(json.dumps({"body": json.dumps(body), "texts": len(chunk),
+                                        "tokens": sum(work.tokens[j] for j in chunk)}) + "\n")
+            self._bodies[key] = path
+        return self._bodies[key]
+
+    # ---- subprocesses ---------------------------------------------------------------------------
+    def _subprocess_json(self, module: str, spec: dict, timeout: float) -> dict:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.dir, delete=False) as f:
+            json.dump(spec, f)
+        try:
+            proc = subprocess.run([sys.executable, "-m", module, f.name], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=timeout)
+        finally:
+            os.unlink(f.name)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{module} failed: {proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def load(self, server: Server, bodies: Path, mode: str = "closed", concurrency: int = 1,
+             rate: float = 0.0, duration_s: float = 5.0, warmup_s: float = 1.0, max_requests: int = 200_000,
+             timeout_s: float = 60.0, drain_s: float = 40.0, offset: int = 0, seed: int = 1) -> dict:
+        spec = {"host": server.host, "port": server.port, "bodies": str(bodies), "mode": mode,
+                "concurrency": concurrency, "rate": rate, "duration_s": duration_s, "warmup_s": warmup_s,
+                "max_requests": max_requests, "timeout_s": timeout_s, "drain_s": drain_s, "offset": offset,
+                "seed": seed, "cpus": self.layout.client, "max_connections": 1024}
+        return self._subprocess_json("benchmarks.loadgen", spec, timeout=duration_s + drain_s + 60)
+
+    def ceiling(self, config: str, overrides: list[str]) -> "CeilingWorker":
+        spec = {"config": str(ROOT / config), "overrides": overrides + self.layout.overrides,
+                "cpus": self.layout.server}
+        path = self.dir / f"ceiling-{len(list(self.dir.glob('ceiling-*.json')))}.json"
+        path.write_text(json.dumps(spec))
+        return CeilingWorker(path)
+
+
+class CeilingWorker:
+    """The offline-ceiling process (benchmarks/ceiling.py), loaded once, asked for readings on demand."""
+
+    def __init__(self, spec_path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ceiling", str(spec_path)], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._ready: dict | None = None
+        self._sent: set[str] = set()
+
+    def wait_ready(self) -> dict:
+        if self._ready is None:
+            self._ready = self._read()
+        return self._ready
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"ceiling worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def _ask(self, cmd: dict) -> dict:
+        self.wait_ready()
+        self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
+    def mix(self, work: Workload, duration_s: float) -> dict:
+        """texts/s of the model on this mix, sorted token-budgeted batches, about duration_s long."""
+        texts = None if work.name in self._sent else work.texts
+        self._sent.add(work.name)
+        return self._ask({"cmd": "mix", "name": work.name, "texts": texts, "duration_s": duration_s})
+
+    def batch1(self, texts: list[str], duration_s: float) -> dict:
+        return self._ask({"cmd": "batch1", "texts": texts, "duration_s": duration_s})["batch1"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_idle(server: Server, timeout: float = 60.0) -> float:
+    """Let a server finish its queue (after an open-loop point past saturation); bounded."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        s = server.stats()
+        if not s or (s.get("queue_depth", 0) == 0 and s.get("inflight_batches", 0) == 0):
+            break
+        time.sleep(0.1)
+    return time.monotonic() - t

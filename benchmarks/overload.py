@@ -1,0 +1,324 @@
+"""A bounded overload run against a real `batchd serve` process on 127.0.0.1.
+
+1. Start the server (fake backend with a realistic per-batch and per-token cost by default, or the
+   real model with --real), on a free 127.0.0.1 port bound here and passed down as fd://N.
+2. Saturated throughput: a closed loop of --concurrency clients for --sat-seconds.
+3. Overload: an open loop offering --factor x the saturated rate for --seconds (arrivals on a fixed
+   schedule, whatever the server answers), each request with x-request-timeout: --timeout.
+4. Report: accepted throughput vs saturated, share of 429s (by reason), p50/p99 latency of accepted
+   requests, server RSS before/after (VmRSS from /proc/PID/status), and the server's own counters.
+
+Bounded in time and connections, stops by itself, talks only to 127.0.0.1, ends only the process it
+started (by PID). Run: `python -m benchmarks.overload` or `python benchmarks/overload.py [--help]`.
+Uses only the standard library: a tiny keep-alive HTTP/1.1 client, cheaper than httpx, so that on a
+small machine the load generator is not the bottleneck.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+WORDS = ("server batch queue latency token model thread vector padding bucket budget client request "
+         "future scheduler throughput deadline overload admission retry drain").split()
+
+
+# ---- the server ------------------------------------------------------------------------------------
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    sets = [f"server.request_timeout_s={args.server_timeout}", f"batching.max_queue={args.max_queue}"]
+    if args.real:
+        sets += ["model.device=cpu"]
+    else:
+        sets += ["model.backend=fake", "model.name=fake", f"model.fake_batch_ms={args.fake_batch_ms}",
+                 f"model.fake_token_us={args.fake_token_us}"]
+    cmd = [sys.executable, "-m", "batchd", "serve", "--config", str(ROOT / "config.toml"),
+           "--bind", f"fd://{sock.fileno()}", "--log-level", "warning"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    sock.close()
+    give_up = time.monotonic() + args.ready_timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            status, _ = asyncio.run(get(port, "/health"))
+            if status == 200:
+                return proc, port
+        except OSError:
+            pass
+        if time.monotonic() > give_up:
+            stop_server(proc)
+            raise SystemExit("server did not become ready in time")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- a minimal keep-alive HTTP/1.1 client -------------------------------------------------------------
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Conn":
+        reader, writer = await asyncio.open_connection(HOST, port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+                      ) -> tuple[int, dict[str, str], bytes]:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split()[1])
+        hdrs = {}
+        for line in header_lines:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                hdrs[k.strip().lower()] = v.strip()
+        payload = await self.reader.readexactly(int(hdrs.get("content-length", "0")))
+        return status, hdrs, payload
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = await Conn.open(port)
+    try:
+        status, _, body = await asyncio.wait_for(conn.request("GET", path), timeout=10)
+        return status, body
+    finally:
+        conn.close()
+
+
+def make_body(rng: random.Random) -> bytes:
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(6, 20)))
+    return json.dumps({"input": text}).encode()
+
+
+class Pool:
+    """Idle keep-alive connections, opened on demand up to `limit` at once."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.port, self.limit = port, limit
+        self.idle: list[Conn] = []
+        self.open = 0
+
+    async def take(self) -> Conn | None:
+        if self.idle:
+            return self.idle.pop()
+        if self.open >= self.limit:
+            return None
+        self.open += 1
+        try:
+            return await Conn.open(self.port)
+        except OSError:
+            self.open -= 1
+            raise
+
+    def give(self, conn: Conn, healthy: bool) -> None:
+        if healthy:
+            self.idle.append(conn)
+        else:
+            self.open -= 1
+            conn.close()
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.close()
+        self.idle.clear()
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.status: Counter[int] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.latency_ok: list[float] = []
+        self.latency_429: list[float] = []
+        self.retry_after: list[int] = []
+        self.errors: Counter[str] = Counter()
+        self.skipped = 0  # arrivals with no connection free (client-side limit): not sent
+
+
+async def one(pool: Pool, body: bytes, headers: dict[str, str], tally: Tally, due: float) -> None:
+    conn = await pool.take()
+    if conn is None:
+        tally.skipped += 1
+        return
+    healthy = False
+    try:
+        status, hdrs, payload = await asyncio.wait_for(conn.request("POST", "/v1/embeddings", body, headers), 60)
+        healthy = hdrs.get("connection", "").lower() != "close"
+        elapsed = time.monotonic() - due  # from the scheduled arrival: client lag counts against us
+        tally.status[status] += 1
+        if status == 200:
+            tally.latency_ok.append(elapsed)
+        elif status == 429:
+            tally.latency_429.append(elapsed)
+            tally.reasons[json.loads(payload)["error"]["code"]] += 1
+            tally.retry_after.append(int(hdrs.get("retry-after", "0")))
+        else:
+            tally.reasons[f"{status}:{json.loads(payload)['error']['code']}"] += 1
+    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        tally.errors[type(exc).__name__] += 1
+    finally:
+        pool.give(conn, healthy)
+
+
+async def closed_loop(port: int, concurrency: int, seconds: float, headers: dict[str, str]) -> tuple[Tally, float]:
+    tally, pool = Tally(), Pool(port, concurrency)
+    rng = random.Random(1)
+    end = time.monotonic() + seconds
+
+    async def client() -> None:
+        while time.monotonic() < end:
+            await one(pool, make_body(rng), headers, tally, time.monotonic())
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.monotonic() - started
+    pool.close()
+    return tally, elapsed
+
+
+async def open_loop(port: int, rate: float, seconds: float, headers: dict[str, str], max_conns: int
+                    ) -> tuple[Tally, float, int]:
+    tally, pool = Tally(), Pool(port, max_conns)
+    rng = random.Random(2)
+    n = int(rate * seconds)
+    started = time.monotonic()
+    tasks = set()
+    for i in range(n):
+        due = started + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(pool, make_body(rng), headers, tally, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    send_s = time.monotonic() - started
+    if tasks:
+        await asyncio.wait(tasks, timeout=90)
+    pool.close()
+    return tally, send_s, n
+
+
+def pct(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=30.0, help="overload phase length (default 30)")
+    p.add_argument("--factor", type=float, default=10.0, help="offered rate / saturated rate (default 10)")
+    p.add_argument("--sat-seconds", type=float, default=8.0, help="saturation phase length (default 8)")
+    p.add_argument("--concurrency", type=int, default=128, help="closed-loop clients for saturation")
+    p.add_argument("--max-conns", type=int, default=1024, help="client connection cap in the open loop")
+    p.add_argument("--timeout", type=float, default=2.0, help="x-request-timeout each client sends (s)")
+    p.add_argument("--server-timeout", type=float, default=30.0, help="server.request_timeout_s")
+    p.add_argument("--max-queue", type=int, default=4096, help="batching.max_queue")
+    p.add_argument("--fake-batch-ms", type=float, default=40.0, help="fake backend: cost per batch (ms)")
+    p.add_argument("--fake-token-us", type=float, default=500.0, help="fake backend: cost per padded token (us)")
+    p.add_argument("--real", action="store_true", help="serve the real model (CPU) instead of the fake backend")
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    assert 0 < args.seconds <= 300 and 0 < args.factor <= 50 and args.max_conns <= 4096, "bounded runs only"
+
+    headers = {"Content-Type": "application/json", "x-request-timeout": str(args.timeout)}
+    proc, port = start_server(args)
+    try:
+        # warm up (and let the cost model learn), then measure
+        asyncio.run(closed_loop(port, 16, 1.0, headers))
+        rss0 = rss_mib(proc.pid)
+        sat, sat_s = asyncio.run(closed_loop(port, args.concurrency, args.sat_seconds, headers))
+        sat_rate = sat.status[200] / sat_s
+        rss1 = rss_mib(proc.pid)
+        stats_before = json.loads(asyncio.run(get(port, "/stats"))[1])
+        rate = sat_rate * args.factor
+        over, send_s, offered = asyncio.run(open_loop(port, rate, args.seconds, headers, args.max_conns))
+        rss2 = rss_mib(proc.pid)
+        stats_after = json.loads(asyncio.run(get(port, "/stats"))[1])
+        health = asyncio.run(get(port, "/health"))[0]
+    finally:
+        rc = stop_server(proc)
+
+    sent = offered - over.skipped
+    accepted = over.status[200]
+    ok_rate = accepted / args.seconds
+    n429 = over.status[429]
+    d_out = {k: stats_after["outcomes"][k] - stats_before["outcomes"][k] for k in stats_after["outcomes"]}
+    d_rej = {k: v - stats_before["rejections"].get(k, 0) for k, v in stats_after["rejections"].items()}
+    mode = "real model (CPU)" if args.real else f"fake backend ({args.fake_batch_ms} ms/batch + {args.fake_token_us} us/token)"
+    rows = [
+        ("backend", mode),
+        ("client deadline (x-request-timeout)", f"{args.timeout:.1f} s"),
+        ("saturated throughput (closed loop, %d clients)" % args.concurrency, f"{sat_rate:.1f} req/s"),
+        ("  p50 / p99 latency at saturation", f"{pct(sat.latency_ok, 50) * 1e3:.0f} / {pct(sat.latency_ok, 99) * 1e3:.0f} ms"),
+        ("offered rate (overload)", f"{rate:.1f} req/s = {args.factor:g}x for {args.seconds:g} s"),
+        ("  requests offered / sent / not sent (client cap)", f"{offered} / {sent} / {over.skipped}"),
+        ("  achieved send rate", f"{offered / send_s:.1f} req/s"),
+        ("accepted throughput (200s)", f"{ok_rate:.1f} req/s = {ok_rate / sat_rate:.0%} of saturated"),
+        ("share of 429 (of sent)", f"{n429 / max(sent, 1):.1%}  {dict(over.reasons)}"),
+        ("  429 latency p50 / p99", f"{pct(over.latency_429, 50) * 1e3:.1f} / {pct(over.latency_429, 99) * 1e3:.1f} ms"),
+        ("  Retry-After min / median / max", f"{min(over.retry_after, default=0)} / {int(pct(over.retry_after, 50)) if over.retry_after else 0} / {max(over.retry_after, default=0)} s"),
+        ("accepted latency p50 / p99", f"{pct(over.latency_ok, 50) * 1e3:.0f} / {pct(over.latency_ok, 99) * 1e3:.0f} ms"),
+        ("other statuses / transport errors", f"{ {k: v for k, v in over.status.items() if k not in (200, 429)} } / {dict(over.errors)}"),
+        ("server RSS warm / after saturation / after overload", f"{rss0:.1f} / {rss1:.1f} / {rss2:.1f} MiB"),
+        ("server outcomes during overload (/stats)", str(d_out)),
+        ("server rejections during overload (/stats)", str(d_rej)),
+        ("health after overload / exit code on SIGTERM", f"{health} / {rc}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\nbatchd overload run (127.0.0.1)")
+    print("-" * (width + 50))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 50))
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
