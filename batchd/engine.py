@@ -209,10 +209,13 @@ class Engine:
                 if not item.future.done():
                     self.queue.cancel(item)  # the model will skip it, even from a formed batch
                     item.future.cancel()
-            if not gathered.done():
-                gathered.cancel()
-            elif not gathered.cancelled():
-                gathered.exception()  # retrieved, so asyncio logs no "never retrieved" noise
+            gathered.cancel()  # a no-op when done; else it ends later with an exception (the cancellation)
+            gathered.add_done_callback(_retrieve)  # so asyncio logs no "exception never retrieved" noise
             self.active_requests -= 1
             self.stats.request_finished(outcome, time.monotonic() - started, reason)
             self.scheduler.notify()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
