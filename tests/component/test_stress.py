@@ -8,6 +8,7 @@ timed_out; refusals counted apart); no future, task or queue entry is left behin
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from collections import Counter
@@ -129,6 +130,8 @@ async def test_stress_every_request_gets_one_outcome_and_counters_reconcile():
         batching={"max_queue": 300, "max_batch_size": 32, "max_wait_ms": 1, "max_batch_tokens": 4096},
         server={"request_timeout_s": 30})
     ledger = Ledger()
+    loop_errors: list[dict] = []  # e.g. "exception was never retrieved", "Task was destroyed but it is pending"
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
     async with app_client(config) as (client, engine):
         ref = Reference(config.model)
         submit = engine.submit
@@ -197,6 +200,9 @@ async def test_stress_every_request_gets_one_outcome_and_counters_reconcile():
     # after close nothing of ours is left running on the loop
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not leftovers, leftovers
+    gc.collect()  # futures report unretrieved exceptions when collected
+    await asyncio.sleep(0)
+    assert not loop_errors, [c.get("message") for c in loop_errors[:5]]
 
 
 async def _settled(engine) -> None:
