@@ -67,7 +67,7 @@ class Engine:
         points = await self.worker.call(calibrate.measure, self.backend.embed, length,
                                         min(8, self.config.batching.max_batch_size), self.backend.calibration_token_id)
         for tokens, seconds in points:
-            self.scheduler.cost.observe(tokens, tokens, seconds)
+            self.scheduler.cost.seed(tokens, seconds)
 
     async def _calibrate_budget(self) -> None:
         """max_batch_tokens = 0: measure the model on the longest bucket and size the budget to it."""
@@ -76,7 +76,7 @@ class Engine:
                                         self.backend.calibration_token_id)
         budget = max(calibrate.choose_budget(points), b.buckets[-1])
         for tokens, seconds in points:  # a head start for the cost model behind the adaptive wait
-            self.scheduler.cost.observe(tokens, tokens, seconds)
+            self.scheduler.cost.seed(tokens, seconds)
         self.scheduler.set_token_budget(budget)
         log.info("token budget calibrated: %d padded tokens per batch (measured %s)", budget,
                  ", ".join(f"{t} tok: {s * 1e3:.0f} ms" for t, s in points))

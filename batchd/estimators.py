@@ -38,6 +38,13 @@ class BatchCost:
         self._real = self._time = 0.0
 
     def observe(self, padded_tokens: int, real_tokens: int, seconds: float) -> None:
+        self.seed(padded_tokens, seconds)
+        self._real = self.decay * self._real + real_tokens
+        self._time = self.decay * self._time + seconds
+
+    def seed(self, padded_tokens: int, seconds: float) -> None:
+        """A timing for the fit only (start-up probes): tiny probe batches would understate the
+        drain rate that admission control plans with."""
         d = self.decay
         x, y = float(padded_tokens), seconds
         self._n = d * self._n + 1
@@ -45,8 +52,6 @@ class BatchCost:
         self._sy = d * self._sy + y
         self._sxx = d * self._sxx + x * x
         self._sxy = d * self._sxy + x * y
-        self._real = d * self._real + real_tokens
-        self._time = d * self._time + seconds
 
     def _fit(self) -> tuple[float, float]:
         """(overhead seconds, seconds per padded token); zeros until two batch sizes were seen."""

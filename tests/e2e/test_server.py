@@ -62,8 +62,8 @@ def test_200_concurrent_clients_each_get_their_own_vector(server, reference_back
 def test_openai_client_works_against_batchd(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
-    result = client.embeddings.create(model="all-MiniLM-L6-v2", input=["This is an example sentence", "hi"])
+    with OpenAI(base_url=f"{server}/v1", api_key="unused") as client:
+        result = client.embeddings.create(model="all-MiniLM-L6-v2", input=["This is an example sentence", "hi"])
     assert [d.index for d in result.data] == [0, 1]
     np.testing.assert_allclose(result.data[0].embedding[:3], [0.0677, 0.0635, 0.0487], atol=1e-4)
     # the client's default encoding is base64: it decoded it back to the same floats
