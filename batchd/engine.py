@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -56,6 +57,10 @@ class Engine:
             self._die(exc)
             return
         if self.state == "loading":
+            # The model, torch and transformers leave ~10^6 long-lived objects; frozen, the cyclic
+            # GC stops rescanning them on every full collection under load.
+            gc.collect()
+            gc.freeze()
             self._task = asyncio.create_task(self.scheduler.run(), name="batchd-scheduler")
             self.state = "ready"
             log.info("model %s ready", self.backend.name)
