@@ -111,6 +111,19 @@ class EmbedBackend(Backend):
     def embed(self, batch: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
         import torch
 
+        try:
+            return self._forward(batch)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()  # give the bisected retry the memory back
+            raise
+        except RuntimeError as exc:
+            if "CUDA error" in str(exc) or "device-side assert" in str(exc):
+                raise FatalBackendError(str(exc)) from exc  # the CUDA context is unusable from here on
+            raise
+
+    def _forward(self, batch: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+        import torch
+
         ids_np, mask_np = self.pad_batch(batch, self.pad_id)
         ids = torch.from_numpy(ids_np).to(self.device, non_blocking=True)
         mask = torch.from_numpy(mask_np).to(self.device, non_blocking=True)
