@@ -147,7 +147,7 @@ async def test_http_options_dimensions_and_base64(engine):
     assert int(r.headers["x-batch-size"]) >= 1 and float(r.headers["x-inference-time"]) > 0
 
 
-def test_bfloat16_stays_within_cosine_0_999_of_float32(reference):
+async def test_bfloat16_stays_within_cosine_0_999_of_float32(reference):
     """dtype = "bfloat16" (about 2-3x faster on CPUs with avx512_bf16) must not change the meaning."""
     from batchd.backends.embed import EmbedBackend
 
