@@ -150,7 +150,8 @@ class Engine:
         now = time.monotonic()
         rate = self.scheduler.cost.tokens_per_s
         if rate > 0:
-            expected_s = (self.queue.tokens + sum(len(t) for t in token_ids)) / rate
+            ahead = self.queue.tokens + self.scheduler.inflight_tokens  # formed batches are still ahead
+            expected_s = (ahead + sum(len(t) for t in token_ids)) / rate
             if now + expected_s > deadline:
                 raise Overloaded(
                     f"the queue ahead needs about {expected_s:.1f} s, past this request's deadline",
@@ -167,7 +168,8 @@ class Engine:
 
     def _retry_after(self) -> str:
         rate = self.scheduler.cost.tokens_per_s
-        return str(max(1, math.ceil(self.queue.tokens / rate))) if rate > 0 else "1"
+        ahead = self.queue.tokens + self.scheduler.inflight_tokens
+        return str(max(1, math.ceil(ahead / rate))) if rate > 0 else "1"
 
     async def embed(self, token_ids: Sequence[np.ndarray], deadline: float,
                     client_gone: asyncio.Future | None = None, tokenize_s: float = 0.0) -> list[ItemResult]:

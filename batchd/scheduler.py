@@ -29,6 +29,7 @@ class Scheduler:
         self.base_params = self.params = params
         self.on_fatal = on_fatal
         self.inflight = 0
+        self.inflight_tokens = 0  # real tokens of the batches handed to the model thread, not yet back
         self.arrivals = ArrivalGap()
         self.cost = BatchCost()
         self._wakeup = asyncio.Event()
@@ -68,11 +69,13 @@ class Scheduler:
         if not batch:
             return
         self.inflight += 1
+        self.inflight_tokens += sum(item.n_tokens for item in batch)
         future = self.worker.submit(batch)
         future.add_done_callback(lambda f: self._batch_done(batch, f))
 
     def _batch_done(self, batch: list[Pending], future: asyncio.Future[BatchOutcome]) -> None:
         self.inflight -= 1
+        self.inflight_tokens -= sum(item.n_tokens for item in batch)
         self._wakeup.set()
         try:
             outcome = future.result()
