@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from batchd.errors import ClientDisconnected, DeadlineExceeded, EngineDead, InferenceFailed
+from batchd.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from batchd.api.app import create_app
 from batchd.engine import Engine
 from tests.helpers import app_client, fake_config, running_engine
@@ -91,7 +91,7 @@ async def test_full_queue_is_429_at_once_with_retry_after_and_keeps_what_is_queu
         queued = [asyncio.create_task(client.post(URL, json={"input": f"q{i}"})) for i in range(4)]
         await until(lambda: engine.queue.depth == 4, what="queue full")
         engine.scheduler.cost.observe(1000, 1000, 100.0)  # a measured drain rate: 10 real tokens/s
-        tokens = engine.queue.tokens
+        tokens = engine.queue.tokens + engine.scheduler.inflight_tokens  # all the work ahead
 
         r = await client.post(URL, json={"input": "late"})
         assert r.status_code == 429
@@ -137,6 +137,26 @@ async def test_deadline_that_cannot_be_met_is_refused_at_admission():
         assert [r.status_code for r in results] == [200] * 6
         assert text_row(engine, "hurry") not in engine.backend.seen
         assert engine.stats.rejections["deadline_unmeetable"] == 1
+
+
+async def test_deadline_admission_counts_the_batches_already_handed_to_the_model():
+    """Work formed into batches is no longer queued but still ahead of a new request."""
+    async with running_engine(fake_config(batching=serial(max_inflight_batches=2))) as engine:
+        gate = Gate(engine)
+        running = asyncio.create_task(engine.embed([ids(100, 101, 102, 103)], time.monotonic() + 30))
+        await until(lambda: gate.entered == 1)
+        formed = asyncio.create_task(engine.embed([ids(200, 201, 202, 203)], time.monotonic() + 30))
+        await until(lambda: engine.scheduler.inflight == 2 and engine.queue.depth == 0)
+        engine.scheduler.cost.observe(1000, 1000, 100.0)  # 10 tokens/s: 6 + 6 in flight + 3 new need 1.5 s
+        try:
+            await engine.embed([ids(300)], time.monotonic() + 1.0)
+            raise AssertionError("admitted a request whose deadline cannot be met")
+        except Overloaded as exc:
+            assert exc.code == "deadline_unmeetable"
+            assert int(exc.headers["Retry-After"]) >= 1
+        gate.open()
+        await asyncio.gather(running, formed)
+        assert seen_count(engine, ids(300)) == 0
 
 
 # ---- deadlines ----------------------------------------------------------------------------------
