@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,13 +52,16 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
            "--bind", f"fd://{sock.fileno()}", "--log-level", "warning"]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file: a pipe nobody reads would block its event loop once full
+    log = tempfile.NamedTemporaryFile("w+", prefix="batchd-overload-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    log.close()
     sock.close()
     give_up = time.monotonic() + args.ready_timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            raise SystemExit(f"server exited with {proc.returncode}: {Path(proc.log_path).read_text()[-2000:]}")  # type: ignore[attr-defined]
         try:
             status, _ = asyncio.run(get(port, "/health"))
             if status == 200:
@@ -283,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rc = stop_server(proc)
 
+    log_text = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+    log_errors = sum(1 for line in log_text.splitlines() if " ERROR " in line)
+    Path(proc.log_path).unlink()  # type: ignore[attr-defined]
     sent = offered - over.skipped
     accepted = over.status[200]
     ok_rate = accepted / args.seconds
@@ -308,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         ("server outcomes during overload (/stats)", str(d_out)),
         ("server rejections during overload (/stats)", str(d_rej)),
         ("health after overload / exit code on SIGTERM", f"{health} / {rc}"),
+        ("ERROR lines in the server log", str(log_errors)),
     ]
     width = max(len(k) for k, _ in rows)
     print("\nbatchd overload run (127.0.0.1)")

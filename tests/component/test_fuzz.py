@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import threading
 
-import httpx
 import numpy as np
 import orjson
 import pytest

@@ -11,14 +11,13 @@ import threading
 import time
 from typing import Callable
 
+import httpx
 import numpy as np
 
-from batchd.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from batchd.api.app import create_app
 from batchd.engine import Engine
+from batchd.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from tests.helpers import app_client, fake_config, running_engine
-
-import httpx
 
 URL = "/v1/embeddings"
 
@@ -321,6 +320,10 @@ async def test_out_of_memory_halves_the_batch_and_the_token_budget():
         assert 1 in engine.backend.batch_sizes
         assert engine.scheduler.params.max_batch_tokens == 2048
         assert engine.scheduler.base_params.max_batch_tokens == 4096
+        # "for a while": once the back-off has passed, the next planning round restores the budget
+        engine.scheduler._budget_restore_at = time.monotonic() - 1
+        assert (await client.post(URL, json={"input": "later"})).status_code == 200
+        assert engine.scheduler.params.max_batch_tokens == 4096
 
 
 async def test_dead_engine_fails_everything_pending_fast_and_refuses_new_work():
