@@ -11,11 +11,12 @@ import msgspec
 import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..engine import Engine
-from ..errors import (BatchdError, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType)
+from ..errors import (BatchdError, ClientDisconnected, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized,
+                      UnsupportedMediaType)
 from ..types import ItemResult
 from .schemas import EmbeddingRequest
 
@@ -47,11 +48,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before sending its whole body: a 499, not an unexpected error
+        raise ClientDisconnected("client disconnected while sending the request body") from None
     return b"".join(chunks)
 
 
