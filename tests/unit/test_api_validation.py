@@ -233,3 +233,29 @@ async def test_logs_hold_input_text_only_when_asked(caplog, log_inputs):
         assert (await client.post(URL, json={"input": secret, "model": "nope"})).status_code == 404
         assert (await client.post(URL, json={"input": " ".join([secret] * 300)})).status_code == 400
     assert (secret in caplog.text) is log_inputs
+
+
+async def test_client_leaving_mid_body_is_not_an_internal_error(caplog):
+    """A client that disconnects before sending its whole body: no 500, no ERROR log, counted."""
+    config = fake_config()
+    async with running_engine(config) as engine:
+        app = create_app(config, engine)
+        messages = [{"type": "http.request", "body": b'{"input": "ab', "more_body": True}, {"type": "http.disconnect"}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": URL, "raw_path": URL.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert statuses == [499]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert engine.stats.rejections["client_disconnected"] == 1 and engine.backend.seen == []
