@@ -26,5 +26,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Benchmark: references (offline ceiling, no-batching server) and batchd measured together; see benchmarks/README.md.
+bench: $(STAMP)
+	$(PY) -m benchmarks run --profile quick --config $(CONFIG)
+
+bench-full: $(STAMP)
+	$(PY) -m benchmarks run --profile full --config $(CONFIG)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,6 +39,41 @@ class CpuLayout:
                 "server_cpus": self.server or "all", "extra_overrides": self.overrides}
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / _TICK  # minus idle and iowait
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / _TICK  # utime + stime, all threads
+    except (OSError, IndexError):
+        return 0.0
+
+
+class CpuMeter:
+    """Who used the CPUs during a measurement: the process under test, the load generator, and
+    everything else on the machine ("foreign": other people's jobs). Foreign load is why readings on a
+    shared machine move; it is reported per point so a noisy point can be recognised."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.t, self.busy, self.cpu, self.own = time.monotonic(), _busy_s(), _proc_cpu_s(pid), time.process_time()
+
+    def stop(self, client_cpu_s: float = 0.0) -> dict:
+        wall = max(1e-9, time.monotonic() - self.t)
+        busy = _busy_s() - self.busy
+        cpu = _proc_cpu_s(self.pid) - self.cpu
+        own = time.process_time() - self.own
+        return {"server_cpu": round(cpu / wall, 2),
+                "foreign_cpu": round(max(0.0, busy - cpu - client_cpu_s - own) / wall, 2)}
+
+
 class Run:
     def __init__(self, name: str, layout: CpuLayout, out_dir: Path | None = None) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -100,7 +135,11 @@ class Run:
                 "concurrency": concurrency, "rate": rate, "duration_s": duration_s, "warmup_s": warmup_s,
                 "max_requests": max_requests, "timeout_s": timeout_s, "drain_s": drain_s, "offset": offset,
                 "seed": seed, "cpus": self.layout.client, "max_connections": 1024}
-        return self._subprocess_json("benchmarks.loadgen", spec, timeout=duration_s + drain_s + 60)
+        meter = CpuMeter(server.proc.pid)
+        t = time.monotonic()
+        out = self._subprocess_json("benchmarks.loadgen", spec, timeout=duration_s + drain_s + 60)
+        # the loadgen's start-up (python import) is outside its own clock; close enough for a share
+        return {**out, **meter.stop(out["client_cpu"] * (time.monotonic() - t))}
 
     def ceiling(self, config: str, overrides: list[str]) -> "CeilingWorker":
         spec = {"config": str(ROOT / config), "overrides": overrides + self.layout.overrides,
@@ -140,7 +179,9 @@ class CeilingWorker:
         """texts/s of the model on this mix, sorted token-budgeted batches, about duration_s long."""
         texts = None if work.name in self._sent else work.texts
         self._sent.add(work.name)
-        return self._ask({"cmd": "mix", "name": work.name, "texts": texts, "duration_s": duration_s})
+        meter = CpuMeter(self.proc.pid)
+        out = self._ask({"cmd": "mix", "name": work.name, "texts": texts, "duration_s": duration_s})
+        return {**out, **meter.stop()}
 
     def batch1(self, texts: list[str], duration_s: float) -> dict:
         return self._ask({"cmd": "batch1", "texts": texts, "duration_s": duration_s})["batch1"]

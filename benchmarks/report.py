@@ -94,16 +94,17 @@ def tables(run: Run) -> str:
                      f"{w['tokens_p90']} | {w['tokens_p99']} | {w['tokens_max']} | {hist} |")
     lines.append("")
     lines.append("## Offline ceiling (sorted, token-budgeted batches, no HTTP)")
-    lines.append("| dtype | mix | when | texts/s | tokens/s | mean batch | padding |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| dtype | mix | when | texts/s | tokens/s | mean batch | padding | foreign cpu |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for c in _find(rec, kind="ceiling"):
         lines.append(f"| {c['tag']} | {c['mix']} | {c['when']} | {c['texts_s']:.1f} | {c['tokens_s']:.0f} | "
-                     f"{c['mean_batch_size']:.1f} | {c['padding_ratio']:.1%} |")
+                     f"{c['mean_batch_size']:.1f} | {c['padding_ratio']:.1%} | {c.get('foreign_cpu', 0):.2f} |")
     lines.append("")
-    lines.append("## Closed loop (N inputs per request; ratio = texts/s over the offline ceiling of the same mix and dtype)")
+    lines.append("## Closed loop (N inputs per request; vs ceiling = texts/s over the offline ceiling of the same mix and "
+                 "dtype read next to it; cpu columns in cores, foreign = other jobs on the machine)")
     lines.append("| server | mix | N | c | texts/s | tokens/s | req/s | p50 ms | p90 ms | p99 ms | errors | "
-                 "mean batch | padding | vs ceiling | client cpu |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "mean batch | padding | vs ceiling | server cpu | client cpu | foreign cpu |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rec:
         if r["kind"] not in ("closed", "list", "c1"):
             continue
@@ -112,16 +113,17 @@ def tables(run: Run) -> str:
         lines.append(f"| {r['server']} | {r['mix']} | {r['per_request']} | {r['concurrency']} | {r['texts_s']:.1f} | "
                      f"{r['tokens_s']:.0f} | {r['req_s']:.1f} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} | "
                      f"{r['errors']} | {_f(st.get('mean_batch_size'))} | {_f(st.get('padding_ratio') and st['padding_ratio'] * 100)}% | "
-                     f"{ratio} | {r['client_cpu']:.2f} |")
+                     f"{ratio} | {r.get('server_cpu', 0):.2f} | {r['client_cpu']:.2f} | {r.get('foreign_cpu', 0):.2f} |")
     lines.append("")
     lines.append("## Open loop, Poisson arrivals (latency from the scheduled arrival)")
-    lines.append("| offered req/s | x ceiling | achieved texts/s | p50 ms | p90 ms | p99 ms | errors | status | mean batch | padding |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| offered req/s | x ceiling | achieved texts/s | p50 ms | p90 ms | p99 ms | errors | status | mean batch | padding | foreign cpu |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in _find(rec, kind="open"):
         st = r.get("stats", {})
         lines.append(f"| {r['offered_rps']:.0f} | {r['fraction']:.2f} | {r['texts_s']:.1f} | {_f(r['p50_ms'])} | "
                      f"{_f(r['p90_ms'])} | {_f(r['p99_ms'])} | {r['errors']} | {json.dumps(r['status'])} | "
-                     f"{_f(st.get('mean_batch_size'))} | {_f(st.get('padding_ratio') and st['padding_ratio'] * 100)}% |")
+                     f"{_f(st.get('mean_batch_size'))} | {_f(st.get('padding_ratio') and st['padding_ratio'] * 100)}% | "
+                     f"{r.get('foreign_cpu', 0):.2f} |")
     lines.append("")
     lines.append("## References")
     cc = _one(rec, kind="client_ceiling")
