@@ -90,8 +90,10 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
     latest: dict[tuple[str, str], float] = {}  # (dtype tag, mix) -> latest ceiling texts/s
     retries = [p.max_retries]  # quiet-retry budget for the whole run (bounds its time)
 
+    budget: dict[str, int | None] = {}  # dtype tag -> the token budget the batchd server runs with
+
     def reading(ceil, tag: str, mix: str, seconds: float, when: str) -> dict:
-        v = ceil.mix(works[mix], seconds)
+        v = ceil.mix(works[mix], seconds, budget.get(tag))
         return {"kind": "ceiling", "tag": tag, "mix": mix, "when": when, **v}
 
     def closed(srv, server: str, c: int, bodies, mix: str = "real", per_request: int = 1,
@@ -152,7 +154,8 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
                              servers.batchd(cfg_overrides + ["batching.max_batch_size=1"], config,
                                             run.layout.server, name="no-batch")) as (bd, nb):
             info = ceil.wait_ready()
-            run.emit({"kind": "ceiling_info", "tag": "fp32", **info})
+            budget["fp32"] = bd.stats().get("max_batch_tokens")  # batchd may calibrate its own (config 0)
+            run.emit({"kind": "ceiling_info", "tag": "fp32", **info, "server_max_batch_tokens": budget["fp32"]})
             run.emit({"kind": "rss", "server": "batchd", "when": "idle", **bd.rss_mb()})
             c1_text = real.texts[c1_index]
 
@@ -222,6 +225,7 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
         with servers.running(servers.batchd(cfg_overrides + ["model.dtype=bfloat16"], config, run.layout.server,
                                             name="batchd-bf16")) as (srv,):
             ceil.wait_ready()
+            budget["bf16"] = srv.stats().get("max_batch_tokens")
             recs = group(lambda: reading(ceil, "bf16", "real", p.ceiling_s, "before"),
                          lambda: closed(srv, "batchd-bf16", p.mixes_at, real_bodies, tag="bf16"),
                          lambda: reading(ceil, "bf16", "real", p.ceiling_s, "after"))

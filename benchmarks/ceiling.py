@@ -52,16 +52,20 @@ class Ceiling:
         self.info = {"load_s": time.perf_counter() - t, "dtype": self.cfg.model.dtype,
                      "torch_threads": torch.get_num_threads(), "max_batch_size": self.cfg.batching.max_batch_size,
                      "max_batch_tokens": self.cfg.batching.max_batch_tokens}
-        self.batches: dict[str, list] = {}
+        self.ids: dict[str, list] = {}
+        self.batches: dict[tuple[str, int], list] = {}
 
-    def mix(self, name: str, texts: list[str] | None, duration_s: float) -> dict:
+    def mix(self, name: str, texts: list[str] | None, duration_s: float, max_batch_tokens: int | None = None) -> dict:
+        """max_batch_tokens: the budget the server under test really uses (it may calibrate its own)."""
         if texts is not None:
-            ids = self.backend.tokenize(texts, True)
-            batches = sorted_batches(ids, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens)
+            self.ids[name] = self.backend.tokenize(texts, True)
+        budget = max_batch_tokens or self.cfg.batching.max_batch_tokens or 8192
+        if (name, budget) not in self.batches:
+            batches = sorted_batches(self.ids[name], self.cfg.batching.max_batch_size, budget)
             # random batch order: any prefix is a fair sample of all lengths, so time can bound the run
             random.Random(7).shuffle(batches)
-            self.batches[name] = batches
-        batches = self.batches[name]
+            self.batches[(name, budget)] = batches
+        batches = self.batches[(name, budget)]
         self.backend.embed(batches[0])  # warm
         texts_done = tokens = padded = 0
         t0 = time.perf_counter()
@@ -76,6 +80,7 @@ class Ceiling:
         dt = time.perf_counter() - t0
         n_all = sum(len(b) for b in batches)
         return {"texts_s": texts_done / dt, "tokens_s": tokens / dt, "padding_ratio": 1 - tokens / padded,
+                "max_batch_tokens": budget,
                 "batches_run": i, "mean_batch_size": n_all / len(batches), "seconds": dt}
 
     def batch1(self, texts: list[str], duration_s: float) -> dict:
@@ -100,7 +105,7 @@ def main() -> None:
     for line in sys.stdin:  # ends when the harness closes stdin
         cmd = json.loads(line)
         if cmd["cmd"] == "mix":
-            out = ceiling.mix(cmd["name"], cmd.get("texts"), cmd["duration_s"])
+            out = ceiling.mix(cmd["name"], cmd.get("texts"), cmd["duration_s"], cmd.get("max_batch_tokens"))
         elif cmd["cmd"] == "batch1":
             out = {"batch1": ceiling.batch1(cmd["texts"], cmd["duration_s"])}
         else:
