@@ -151,7 +151,13 @@ class Engine:
         rate = self.scheduler.cost.tokens_per_s
         if rate > 0:
             ahead = self.queue.tokens + self.scheduler.inflight_tokens  # formed batches are still ahead
-            expected_s = (ahead + sum(len(t) for t in token_ids)) / rate
+            mine = sum(len(t) for t in token_ids)
+            # A batch answers as a whole: under load the one carrying these inputs also carries later
+            # arrivals, up to a full batch (bounded by the work ahead, so an idle server is not pessimistic).
+            p = self.scheduler.params
+            longest = bucket_of(max(len(t) for t in token_ids), self.config.batching.buckets) or p.max_batch_tokens
+            rest_of_batch = max(0, min(ahead, p.max_batch_tokens - longest, (p.max_batch_size - 1) * longest))
+            expected_s = (ahead + mine + rest_of_batch) / rate
             if now + expected_s > deadline:
                 raise Overloaded(
                     f"the queue ahead needs about {expected_s:.1f} s, past this request's deadline",
