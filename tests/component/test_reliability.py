@@ -158,6 +158,30 @@ async def test_deadline_admission_counts_the_batches_already_handed_to_the_model
         assert seen_count(engine, ids(300)) == 0
 
 
+async def test_deadline_admission_counts_the_rest_of_the_batch_under_load_not_when_idle():
+    """A batch answers as a whole, so under load the inputs that will share it count; idle, they don't."""
+    config = fake_config(batching={"max_batch_size": 4, "max_inflight_batches": 1, "max_wait_ms": 0})
+    async with running_engine(config) as engine:
+        gate = Gate(engine)
+        engine.scheduler.cost.observe(1000, 1000, 100.0)  # 10 tokens/s
+        # idle: 3 tokens need 0.3 s, so a 0.5 s deadline is admitted (refused if later arrivals counted)
+        idle = asyncio.create_task(engine.embed([ids(100)], time.monotonic() + 0.5))
+        await until(lambda: gate.entered == 1, what="the idle request admitted and running")
+        queued = [asyncio.create_task(engine.embed([ids(200 + i)], time.monotonic() + 30)) for i in range(2)]
+        await until(lambda: engine.queue.depth == 2)
+        # 9 tokens ahead + 3 mine = 1.2 s, but the batch that carries mine also carries up to 9 more: 2.1 s
+        try:
+            await engine.embed([ids(300)], time.monotonic() + 1.5)
+            raise AssertionError("admitted a request whose batch cannot finish by its deadline")
+        except Overloaded as exc:
+            assert exc.code == "deadline_unmeetable"
+        gate.open()
+        results = await asyncio.gather(idle, *queued, return_exceptions=True)
+        assert isinstance(results[0], (list, DeadlineExceeded))  # admitted: served, or timed out behind the gate
+        assert all(isinstance(r, list) for r in results[1:])
+        assert seen_count(engine, ids(300)) == 0
+
+
 # ---- deadlines ----------------------------------------------------------------------------------
 async def test_request_past_its_deadline_gets_504_leaves_the_queue_and_never_runs():
     async with app_client(fake_config(batching=serial())) as (client, engine):
