@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Callable
 
-from .errors import DeadlineExceeded, EngineDead, InferenceFailed
+from .errors import DeadlineExceeded, EngineDead, InferenceFailed, ShuttingDown
 from .estimators import ArrivalGap, BatchCost
 from .policy import Dispatch, Hold, PolicyParams, padding_ratio, plan_batch
 from .queue import RequestQueue
@@ -77,6 +77,10 @@ class Scheduler:
         self.inflight -= 1
         self.inflight_tokens -= sum(item.n_tokens for item in batch)
         self._wakeup.set()
+        if future.cancelled():  # the engine closed before the model thread took this batch
+            for item in batch:
+                _complete(item.future, exc=ShuttingDown("the server shut down before this input ran"))
+            return
         try:
             outcome = future.result()
         except BaseException as exc:  # the executor itself failed: treat as a lost device
