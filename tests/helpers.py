@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -66,15 +67,17 @@ def server_process(*overrides: str, config: str | None = "config.toml",
         cmd += ["--config", str(ROOT / config)]
     for item in overrides:
         cmd += ["--set", item]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody has to drain it
     proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     sock.close()
     base = f"http://127.0.0.1:{port}"
     try:
         give_up = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")  # type: ignore[union-attr]
+                log.seek(0)
+                raise RuntimeError(f"server exited with {proc.returncode}: {log.read()}")
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
@@ -92,5 +95,4 @@ def server_process(*overrides: str, config: str | None = "config.toml",
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
