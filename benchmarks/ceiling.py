@@ -53,19 +53,22 @@ class Ceiling:
                      "torch_threads": torch.get_num_threads(), "max_batch_size": self.cfg.batching.max_batch_size,
                      "max_batch_tokens": self.cfg.batching.max_batch_tokens}
         self.ids: dict[str, list] = {}
-        self.batches: dict[tuple[str, int], list] = {}
+        self.batches: dict[tuple[str, int, int], list] = {}
 
-    def mix(self, name: str, texts: list[str] | None, duration_s: float, max_batch_tokens: int | None = None) -> dict:
-        """max_batch_tokens: the budget the server under test really uses (it may calibrate its own)."""
+    def mix(self, name: str, texts: list[str] | None, duration_s: float, max_batch_tokens: int | None = None,
+            max_batch_size: int | None = None) -> dict:
+        """max_batch_tokens: the budget the server under test really uses (it may calibrate its own).
+        max_batch_size: smaller batches than the config allows (the ceiling at batchd's own batch size)."""
         if texts is not None:
             self.ids[name] = self.backend.tokenize(texts, True)
         budget = max_batch_tokens or self.cfg.batching.max_batch_tokens or 8192
-        if (name, budget) not in self.batches:
-            batches = sorted_batches(self.ids[name], self.cfg.batching.max_batch_size, budget)
+        size = max_batch_size or self.cfg.batching.max_batch_size
+        if (name, budget, size) not in self.batches:
+            batches = sorted_batches(self.ids[name], size, budget)
             # random batch order: any prefix is a fair sample of all lengths, so time can bound the run
             random.Random(7).shuffle(batches)
-            self.batches[(name, budget)] = batches
-        batches = self.batches[(name, budget)]
+            self.batches[(name, budget, size)] = batches
+        batches = self.batches[(name, budget, size)]
         self.backend.embed(batches[0])  # warm
         texts_done = tokens = padded = 0
         t0 = time.perf_counter()
@@ -80,7 +83,7 @@ class Ceiling:
         dt = time.perf_counter() - t0
         n_all = sum(len(b) for b in batches)
         return {"texts_s": texts_done / dt, "tokens_s": tokens / dt, "padding_ratio": 1 - tokens / padded,
-                "max_batch_tokens": budget,
+                "max_batch_tokens": budget, "max_batch_size": size,
                 "batches_run": i, "mean_batch_size": n_all / len(batches), "seconds": dt}
 
     def batch1(self, texts: list[str], duration_s: float) -> dict:
@@ -105,7 +108,8 @@ def main() -> None:
     for line in sys.stdin:  # ends when the harness closes stdin
         cmd = json.loads(line)
         if cmd["cmd"] == "mix":
-            out = ceiling.mix(cmd["name"], cmd.get("texts"), cmd["duration_s"], cmd.get("max_batch_tokens"))
+            out = ceiling.mix(cmd["name"], cmd.get("texts"), cmd["duration_s"], cmd.get("max_batch_tokens"),
+                              cmd.get("max_batch_size"))
         elif cmd["cmd"] == "batch1":
             out = {"batch1": ceiling.batch1(cmd["texts"], cmd["duration_s"])}
         else:

@@ -175,18 +175,18 @@ class CeilingWorker:
         self.proc.stdin.flush()  # type: ignore[union-attr]
         return self._read()
 
-    def mix(self, work: Workload, duration_s: float, max_batch_tokens: int | None = None) -> dict:
+    def mix(self, work: Workload, duration_s: float, max_batch_tokens: int | None = None,
+            max_batch_size: int | None = None) -> dict:
         """texts/s of the model on this mix, sorted token-budgeted batches, about duration_s long."""
         texts = None if work.name in self._sent else work.texts
         self._sent.add(work.name)
         meter = CpuMeter(self.proc.pid)
         out = self._ask({"cmd": "mix", "name": work.name, "texts": texts, "duration_s": duration_s,
-                          "max_batch_tokens": max_batch_tokens})
+                          "max_batch_tokens": max_batch_tokens, "max_batch_size": max_batch_size})
         return {**out, **meter.stop()}
 
     def batch1(self, texts: list[str], duration_s: float) -> dict:
-        return self._ask({"cmd": "batch1", "texts": texts, "duration_s": duration_s,
-                          "max_batch_tokens": max_batch_tokens})["batch1"]
+        return self._ask({"cmd": "batch1", "texts": texts, "duration_s": duration_s})["batch1"]
 
     def close(self) -> None:
         if self.proc.poll() is None:

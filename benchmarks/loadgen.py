@@ -173,6 +173,12 @@ def summarise(spec: dict, rec: Recorder, t0: float, t_end: float, cpu_s: float) 
     for s in status[measured]:
         codes[str(s)] = codes.get(str(s), 0) + 1
     n_err = int((measured & ~good).sum()) + sum(rec.errors.values())
+    # per-second view: requests started in each second, and their median latency (shows stalls)
+    timeline = []
+    for sec in range(int(spec["duration_s"] + 0.999)):
+        m = (start >= t0 + sec) & (start < t0 + sec + 1)
+        lat_s = (end - start)[m] * 1e3
+        timeline.append([int(m.sum()), round(float(np.median(lat_s)), 1) if len(lat_s) else None])
     return {
         "requests": int(measured.sum()) + sum(rec.errors.values()),
         "ok": int((measured & good).sum()),
@@ -187,6 +193,7 @@ def summarise(spec: dict, rec: Recorder, t0: float, t_end: float, cpu_s: float) 
         "mean_ms": float(lat.mean()) if len(lat) else None,
         "client_cpu": round(cpu_s / max(1e-9, t_end - t0), 3),  # share of one core the client used
         "connections": getattr(rec, "connections", spec.get("concurrency")),
+        "timeline": timeline,
         "sample": rec.sample_bodies[0][:200].decode(errors="replace") if rec.sample_bodies else "",
         "error_sample": next((b.decode(errors="replace") for b in rec.sample_bodies if not b.startswith(b'{"object"')), ""),
     }

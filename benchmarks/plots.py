@@ -46,6 +46,9 @@ def plot(records: list[dict], path: Path) -> Path:
         ceil = next((r["texts_s"] for r in records if r["kind"] == "ceiling" and r["mix"] == "real"), None)
         if ceil:
             a.axvline(ceil, color="grey", ls="--", label="offline ceiling")
+        sat = next((r["texts_s"] for r in records if r["kind"] == "saturation"), None)
+        if sat:
+            a.axvline(sat, color="tab:green", ls="--", label="batchd c=128 throughput")
     a.set_yscale("log")
     a.set_xlabel("offered load (requests/s, 1 text each, Poisson)")
     a.set_ylabel("latency (ms)")
