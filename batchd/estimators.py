@@ -43,8 +43,8 @@ class BatchCost:
         self._time = self.decay * self._time + seconds
 
     def seed(self, padded_tokens: int, seconds: float) -> None:
-        """A timing for the fit only (start-up probes): tiny probe batches would understate the
-        drain rate that admission control plans with."""
+        """A timing for the fit only (start-up probes, batches on an idle server): small batches
+        would understate the drain rate that admission control plans with."""
         d = self.decay
         x, y = float(padded_tokens), seconds
         self._n = d * self._n + 1

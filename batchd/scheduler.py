@@ -70,10 +70,13 @@ class Scheduler:
             return
         self.inflight += 1
         self.inflight_tokens += sum(item.n_tokens for item in batch)
+        # Only batches with work behind them show the drain rate that admission plans with: a lone
+        # input on an idle server is slow per token and would make the server look slower than it is.
+        saturated = self.queue.depth > 0
         future = self.worker.submit(batch)
-        future.add_done_callback(lambda f: self._batch_done(batch, f))
+        future.add_done_callback(lambda f: self._batch_done(batch, f, saturated))
 
-    def _batch_done(self, batch: list[Pending], future: asyncio.Future[BatchOutcome]) -> None:
+    def _batch_done(self, batch: list[Pending], future: asyncio.Future[BatchOutcome], saturated: bool = True) -> None:
         self.inflight -= 1
         self.inflight_tokens -= sum(item.n_tokens for item in batch)
         self._wakeup.set()
@@ -103,7 +106,10 @@ class Scheduler:
             self.stats.batch_finished(outcome.batch_size, outcome.calls, outcome.real_tokens,
                                       outcome.padded_tokens, outcome.model_s, waits)
         if outcome.calls == 1 and outcome.padded_tokens:
-            self.cost.observe(outcome.padded_tokens, outcome.real_tokens, outcome.model_s)
+            if saturated:
+                self.cost.observe(outcome.padded_tokens, outcome.real_tokens, outcome.model_s)
+            else:
+                self.cost.seed(outcome.padded_tokens, outcome.model_s)
         if outcome.oom:
             budget = max(1, self.params.max_batch_tokens // 2)
             log.warning("out of memory: token budget lowered to %d for %.0f s", budget, OOM_BACKOFF_S)

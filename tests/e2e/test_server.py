@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    with server_process("model.device=cpu") as (proc, base):
+    # a generous deadline: this machine may be shared, and this test is about correctness, not deadlines
+    with server_process("model.device=cpu", "server.request_timeout_s=120") as (proc, base):
         yield base
 
 
