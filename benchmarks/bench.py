@@ -39,6 +39,8 @@ class Profile:
     noisy_above: float = 0.25  # cores used by other jobs during a group that make it worth measuring again
     group_attempts: int = 1  # extra attempts per group
     max_retries: int = 4  # extra attempts per run
+    quiet_wait_s: float = 10.0  # longest wait for a quiet machine before one group
+    quiet_budget_s: float = 40.0  # ... and in all
     workload_size: int = 4000
 
 
@@ -48,7 +50,8 @@ PROFILES = {
                     nobatch_concurrencies=[1, 8, 32, 128, 512],
                     open_fractions=[0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0],
                     mix_duration_s=8.0, list_sizes=[4, 16, 64], ceiling_s=8.0, ceiling_mix_s=6.0,
-                    overhead_rounds=3, overhead_s=5.0, group_attempts=2, max_retries=12),
+                    overhead_rounds=3, overhead_s=5.0, group_attempts=2, max_retries=12,
+                    quiet_wait_s=30.0, quiet_budget_s=300.0),
 }
 
 
@@ -89,6 +92,7 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
 
     latest: dict[tuple[str, str], float] = {}  # (dtype tag, mix) -> latest ceiling texts/s
     retries = [p.max_retries]  # quiet-retry budget for the whole run (bounds its time)
+    quiet_budget = [p.quiet_budget_s]  # seconds the whole run may spend waiting for a quiet machine
 
     budget: dict[str, int | None] = {}  # dtype tag -> the token budget the batchd server runs with
 
@@ -110,6 +114,11 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
         them, measure the whole group again (bounded), and keep the quietest attempt."""
         best: list[dict] | None = None
         for attempt in range(1 + p.group_attempts):
+            if quiet_budget[0] > 0:  # other jobs make everything slower: give them a moment to finish
+                waited, load = run.wait_quiet(min(p.quiet_wait_s, quiet_budget[0]), p.noisy_above)
+                quiet_budget[0] -= waited
+                if waited >= 1.0:
+                    run.log(f"  waited {waited:.0f} s for other jobs to quiet down (now {load:.2f} cores)")
             recs = [t() for t in thunks]
             noise = max(r.get("foreign_cpu", 0.0) for r in recs)
             if best is None or noise < max(r.get("foreign_cpu", 0.0) for r in best):

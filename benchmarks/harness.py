@@ -85,6 +85,19 @@ class Run:
         self.records: list[dict] = []
         self._bodies: dict[tuple, Path] = {}
 
+    def wait_quiet(self, max_wait_s: float, threshold: float = 0.25) -> tuple[float, float]:
+        """Before a measurement: wait (at most max_wait_s) until the machine is quiet, i.e. other jobs
+        use at most `threshold` cores (our own servers are idle between points). Returns (waited s,
+        last load in cores)."""
+        t = time.monotonic()
+        while True:
+            b0 = _busy_s()
+            time.sleep(0.5)
+            load = (_busy_s() - b0) / 0.5
+            waited = time.monotonic() - t
+            if load <= threshold or waited >= max_wait_s:
+                return waited, load
+
     def log(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 

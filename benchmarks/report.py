@@ -23,9 +23,14 @@ def targets(records: list[dict]) -> list[dict]:
     """Each target: value, unit, goal, pass. Ratios only compare figures measured side by side in one run."""
     out = []
 
-    def add(name: str, value, unit: str, goal: str, ok, detail: str = "") -> None:
+    def add(name: str, value, unit: str, goal: str, ok, detail: str = "", *recs) -> None:
+        foreign = max((r.get("foreign_cpu", 0.0) for r in recs if r), default=None)
         out.append({"target": name, "value": value, "unit": unit, "goal": goal,
-                    "pass": None if value is None else bool(ok), "detail": detail})
+                    "pass": None if value is None else bool(ok), "detail": detail, "foreign_cpu": foreign})
+
+    def ceil_recs(when_prefix: str, tag: str = "fp32") -> list[dict]:
+        return [r for r in records if r["kind"] == "ceiling" and r["tag"] == tag and r["mix"] == "real"
+                and (r["when"].startswith(when_prefix) or when_prefix == "*")]
 
     c128 = _one(records, kind="closed", server="batchd", mix="real", concurrency=128)
     c512 = _one(records, kind="closed", server="batchd", mix="real", concurrency=512)
@@ -34,40 +39,45 @@ def targets(records: list[dict]) -> list[dict]:
     add("batchd c=128 / offline ceiling", v, "x", ">= 0.9x", v is not None and v >= 0.9,
         f"{_f(sat and sat['texts_s'])} vs {_f(sat and sat['ceiling_before'])} / {_f(sat and sat['ceiling_after'])} "
         f"texts/s (ceiling read just before / after); the ceiling at batchd's mean batch "
-        f"({_f(sat and sat.get('batchd_mean_batch'))}) does {_f(sat and sat.get('ceiling_at_batchd_batch'))} texts/s")
+        f"({_f(sat and sat.get('batchd_mean_batch'))}) does {_f(sat and sat.get('ceiling_at_batchd_batch'))} texts/s",
+        c128, *ceil_recs("before c="), *ceil_recs("after c="))
     for c in (32, 128):
         b = _one(records, kind="closed", server="batchd", mix="real", concurrency=c)
         n = _one(records, kind="closed", server="no-batch", mix="real", concurrency=c)
         v = b["texts_s"] / n["texts_s"] if b and n and n["texts_s"] else None
         add(f"batchd / no-batching, c={c}", v, "x", ">= 2x", v is not None and v >= 2,
-            f"{_f(b and b['texts_s'])} vs {_f(n and n['texts_s'])} texts/s")
+            f"{_f(b and b['texts_s'])} vs {_f(n and n['texts_s'])} texts/s", b, n)
     pad = c128["stats"].get("padding_ratio") if c128 else None
     ceil_pad = _one(records, kind="ceiling", mix="real", tag="fp32")
     add("padding ratio at saturation (c=128)", pad, "%", "<= 5%", pad is not None and pad <= 0.05,
         f"offline sorted ceiling pads {_f(ceil_pad and ceil_pad['padding_ratio'] * 100)}%; "
-        f"mean batch {_f(c128 and c128['stats'].get('mean_batch_size'))} vs ceiling {_f(ceil_pad and ceil_pad['mean_batch_size'])}")
+        f"mean batch {_f(c128 and c128['stats'].get('mean_batch_size'))} vs ceiling {_f(ceil_pad and ceil_pad['mean_batch_size'])}",
+        c128)
     c1 = _one(records, kind="c1")
     b1 = _one(records, kind="batch1", tag="fp32")
     v = c1["p50_ms"] - b1["p50_ms"] if c1 and b1 and c1["p50_ms"] is not None else None
     add("c=1 p50 latency - offline batch-1 forward", v, "ms", "<= +2 ms", v is not None and v <= 2,
         f"{_f(c1 and c1['p50_ms'], '{:.2f}')} vs {_f(b1 and b1['p50_ms'], '{:.2f}')} ms, same text "
-        f"({b1 and b1['tokens']} tokens); server says model {_f(c1 and c1['stats']['latency_ms']['model_time']['p50'], '{:.2f}')} ms")
+        f"({b1 and b1['tokens']} tokens); server says model {_f(c1 and c1['stats']['latency_ms']['model_time']['p50'], '{:.2f}')} ms",
+        c1)
     best = {}
     for r in _find(records, kind="overhead"):
         best[r["server"]] = max(best.get(r["server"], 0.0), r["req_s"])
     v = best["batchd-fake"] / best["bare"] if best.get("bare") and "batchd-fake" in best else None
     add("batchd (fake, 0 ms) / bare Starlette+Hypercorn", v, "x", ">= 0.7x", v is not None and v >= 0.7,
-        f"{best.get('batchd-fake', 0):.0f} vs {best.get('bare', 0):.0f} req/s (best of interleaved rounds)")
+        f"{best.get('batchd-fake', 0):.0f} vs {best.get('bare', 0):.0f} req/s (best of interleaved rounds)",
+        *_find(records, kind="overhead"))
     v = c512["texts_s"] / c128["texts_s"] if c512 and c128 and c128["texts_s"] else None
     add("batchd c=512 / c=128 throughput", v, "x", ">= 0.9x (no collapse)", v is not None and v >= 0.9,
         f"RSS after c=128 {_f(c128 and c128.get('rss_mb'), '{:.0f}')} MB, after c=512 {_f(c512 and c512.get('rss_mb'), '{:.0f}')} MB "
-        f"(peak {_f(c512 and c512.get('peak_rss_mb'), '{:.0f}')} MB)")
+        f"(peak {_f(c512 and c512.get('peak_rss_mb'), '{:.0f}')} MB)", c128, c512)
     bf = _one(records, kind="saturation_bf16")
     v = bf["vs_ceiling"] if bf else None
     fp = _one(records, kind="saturation")
     add("batchd bf16 c=128 / bf16 offline ceiling", v, "x", ">= 0.9x", v is not None and v >= 0.9,
         f"{_f(bf and bf['texts_s'])} vs {_f(bf and bf['ceiling_before'])} / {_f(bf and bf['ceiling_after'])} texts/s "
-        f"(fp32: {_f(fp and fp['texts_s'])} vs {_f(fp and fp['ceiling_before'])})")
+        f"(fp32: {_f(fp and fp['texts_s'])} vs {_f(fp and fp['ceiling_before'])})",
+        _one(records, kind="closed", server="batchd-bf16"), *ceil_recs("*", "bf16"))
     cc = _one(records, kind="client_ceiling")
     peak = max((r["req_s"] for r in records if r["kind"] in ("closed", "open", "list", "overhead", "c1")), default=0)
     v = cc["req_s"] / peak if cc and peak else None
@@ -138,13 +148,19 @@ def tables(run: Run) -> str:
         lines.append(f"- batchd RSS ({r['when']}): {_f(r.get('rss_mb'), '{:.0f}')} MB, peak {_f(r.get('peak_rss_mb'), '{:.0f}')} MB")
     lines.append("")
     lines.append("## Targets (ratios within this run)")
-    lines.append("| target | value | goal | pass | detail |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| target | value | goal | pass | foreign cpu | detail |")
+    lines.append("|---|---|---|---|---|---|")
     for t in targets(rec):
         v, unit = t["value"], t["unit"]
         shown = "-" if v is None else (f"{v:.1%}" if unit == "%" else f"{v:+.2f} ms" if unit == "ms" else f"{v:.2f}x")
         ok = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
-        lines.append(f"| {t['target']} | {shown} | {t['goal']} | {ok} | {t['detail']} |")
+        fc = t.get("foreign_cpu")
+        noisy = fc is not None and fc > 0.25
+        lines.append(f"| {t['target']} | {shown} | {t['goal']} | {ok}{' (noisy)' if noisy else ''} | "
+                     f"{'-' if fc is None else f'{fc:.2f}'} | {t['detail']} |")
+    lines.append("")
+    lines.append("foreign cpu: the most cores other jobs on the machine used during the readings behind a target; "
+                 "over 0.25 the target is marked noisy and should be measured again.")
     return "\n".join(lines)
 
 
