@@ -50,7 +50,7 @@ def reference():
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    cfg = make_config(model={"device": "cpu"})
+    cfg = make_config(model={"device": "cpu"}, server={"request_timeout_s": 120})  # correctness, not deadlines
     eng = Engine(cfg)
     await eng.start()
     assert eng.state == "ready"
