@@ -6,6 +6,7 @@ import base64
 import hmac
 import logging
 import time
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -114,50 +115,63 @@ def request_timeout(request: Request, default: float) -> float:
     return min(value, default)  # a client may shorten its deadline, not lengthen it
 
 
+@dataclass(slots=True)
+class _Admitted:
+    """A request that passed every check before the queue: what the engine needs to run it."""
+    body: EmbeddingRequest
+    token_ids: list[np.ndarray]
+    received: float
+    deadline: float
+    tokenize_s: float
+
+
 async def embeddings(request: Request) -> Response:
     engine = _engine(request)
     try:  # refusals before the engine accepts the request are counted by reason
-        check_api_key(request)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
-        server_cfg = engine.config.server
-        received = time.monotonic()
-        deadline = received + request_timeout(request, server_cfg.request_timeout_s)
-        body = await read_body(request, server_cfg.max_body_bytes)
-        req = decode_request(body)
-        backend = engine.backend
-        if req.model is not None and req.model != backend.name:
-            raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {backend.name!r}",
-                                param="model")
-        if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
-            raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")
-        engine.check_accepting()  # before tokenizing: a loading or draining server answers at once
-        texts, token_rows = split_inputs(req.input, engine.config.batching.max_inputs_per_request)
-        truncate = engine.config.model.truncate if req.truncate is None else req.truncate
-        started = time.perf_counter()
-        if texts is not None:
-            if server_cfg.log_inputs:
-                log.info("embedding inputs: %r", texts)
-            token_ids = backend.tokenize(texts, truncate)
-        else:
-            token_ids = backend.check_token_ids(token_rows, truncate)  # type: ignore[arg-type]
-        tokenize_s = time.perf_counter() - started
+        admitted = await _validate_and_tokenize(request, engine)
     except BatchdError as exc:
         engine.stats.request_rejected(exc.code or type(exc).__name__)
         raise
-
     client_gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        results = await engine.embed(token_ids, deadline, client_gone, tokenize_s)
+        results = await engine.embed(admitted.token_ids, admitted.deadline, client_gone, admitted.tokenize_s)
     finally:
         client_gone.cancel()
-    prompt_tokens = int(sum(len(t) for t in token_ids))
+    req = admitted.body
+    prompt_tokens = int(sum(len(t) for t in admitted.token_ids))
     data = [{"object": "embedding", "index": i, "embedding": _encode(r.vector, req.dimensions, req.encoding_format)}
             for i, r in enumerate(results)]
-    payload = {"object": "list", "data": data, "model": backend.name,
+    payload = {"object": "list", "data": data, "model": engine.backend.name,
                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-    return json_response(payload, headers=_timing_headers(results, time.monotonic() - received))
+    return json_response(payload, headers=_timing_headers(results, time.monotonic() - admitted.received))
+
+
+async def _validate_and_tokenize(request: Request, engine: Engine) -> _Admitted:
+    check_api_key(request)
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
+    server_cfg = engine.config.server
+    received = time.monotonic()
+    deadline = received + request_timeout(request, server_cfg.request_timeout_s)
+    req = decode_request(await read_body(request, server_cfg.max_body_bytes))
+    backend = engine.backend
+    if req.model is not None and req.model != backend.name:
+        raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {backend.name!r}",
+                            param="model")
+    if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
+        raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")
+    engine.check_accepting()  # before tokenizing: a loading or draining server answers at once
+    texts, token_rows = split_inputs(req.input, engine.config.batching.max_inputs_per_request)
+    truncate = engine.config.model.truncate if req.truncate is None else req.truncate
+    started = time.perf_counter()
+    if texts is not None:
+        if server_cfg.log_inputs:
+            log.info("embedding inputs: %r", texts)
+        token_ids = backend.tokenize(texts, truncate)
+    else:
+        token_ids = backend.check_token_ids(token_rows, truncate)  # type: ignore[arg-type]
+    return _Admitted(req, token_ids, received, deadline, time.perf_counter() - started)
 
 
 async def _wait_disconnect(request: Request) -> None:
