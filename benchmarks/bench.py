@@ -31,7 +31,7 @@ class Profile:
     mix_duration_s: float = 3.0
     list_sizes: list[int] = field(default_factory=lambda: [8, 32])
     list_concurrency: int = 8
-    ceiling_s: float = 3.0
+    ceiling_s: float = 4.0
     ceiling_mix_s: float = 2.5
     overhead_concurrency: int = 64
     overhead_rounds: int = 2
@@ -269,7 +269,8 @@ def _ms(v) -> str:
 
 def _stats_brief(st: dict) -> dict:
     keys = ("requests_total", "inputs_total", "batches_total", "mean_batch_size", "padding_ratio", "real_tokens",
-            "padded_tokens", "model_calls", "outcomes", "rejections", "batch_size_histogram", "latency_ms")
+            "padded_tokens", "model_calls", "outcomes", "rejections", "batch_size_histogram", "latency_ms",
+            "max_batch_tokens", "cost_model")
     return {k: st.get(k) for k in keys if k in st}
 
 

@@ -15,11 +15,27 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 
 import numpy as np
+
+
+def _spread_order(n: int) -> list[int]:
+    """0..n-1 in van der Corput order: 0, n/2, n/4, 3n/4, ... (each index once)."""
+    order, seen, k = [], set(), 0
+    while len(order) < n:
+        x, denom, j = 0.0, 1.0, k
+        while j:
+            denom *= 2
+            x += (j & 1) / denom
+            j >>= 1
+        i = int(x * n)
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        k += 1
+    return order
 
 
 def sorted_batches(ids: list[np.ndarray], max_size: int, max_tokens: int) -> list[list[np.ndarray]]:
@@ -64,27 +80,29 @@ class Ceiling:
         budget = max_batch_tokens or self.cfg.batching.max_batch_tokens or 8192
         size = max_batch_size or self.cfg.batching.max_batch_size
         if (name, budget, size) not in self.batches:
-            batches = sorted_batches(self.ids[name], size, budget)
-            # random batch order: any prefix is a fair sample of all lengths, so time can bound the run
-            random.Random(7).shuffle(batches)
-            self.batches[(name, budget, size)] = batches
+            self.batches[(name, budget, size)] = sorted_batches(self.ids[name], size, budget)
         batches = self.batches[(name, budget, size)]
-        self.backend.embed(batches[0])  # warm
-        texts_done = tokens = padded = 0
+        # Short batches run many more texts/s than long ones, so a time-bounded run must sample all
+        # lengths evenly: visit the length-sorted batches in van der Corput order (every prefix is
+        # spread evenly over the sorted list) and scale the sampled time up to one full pass.
+        order = _spread_order(len(batches))
+        self.backend.embed(batches[order[0]])  # warm
+        elapsed, runs = 0.0, 0
         t0 = time.perf_counter()
-        i = 0
-        while time.perf_counter() - t0 < duration_s and i < 100 * len(batches):
-            batch = batches[i % len(batches)]
-            _, p = self.backend.embed(batch)
-            texts_done += len(batch)
-            tokens += sum(len(x) for x in batch)
-            padded += p
-            i += 1
-        dt = time.perf_counter() - t0
-        n_all = sum(len(b) for b in batches)
-        return {"texts_s": texts_done / dt, "tokens_s": tokens / dt, "padding_ratio": 1 - tokens / padded,
-                "max_batch_tokens": budget, "max_batch_size": size,
-                "batches_run": i, "mean_batch_size": n_all / len(batches), "seconds": dt}
+        while runs < 100 * len(batches) and (runs < min(len(batches), 8) or time.perf_counter() - t0 < duration_s):
+            i = order[runs % len(order)]
+            t = time.perf_counter()
+            self.backend.embed(batches[i])
+            elapsed += time.perf_counter() - t
+            runs += 1
+        pass_s = elapsed * len(batches) / runs  # estimated time of one full pass over all batches
+        texts = sum(len(b) for b in batches)
+        tokens = sum(len(x) for b in batches for x in b)
+        padded = sum(len(b) * max(len(x) for x in b) for b in batches)
+        return {"texts_s": texts / pass_s, "tokens_s": tokens / pass_s, "padding_ratio": 1 - tokens / padded,
+                "max_batch_tokens": budget, "max_batch_size": size, "batches_run": runs,
+                "batches": len(batches), "full_passes": runs / len(batches),
+                "mean_batch_size": texts / len(batches), "seconds": time.perf_counter() - t0}
 
     def batch1(self, texts: list[str], duration_s: float) -> dict:
         out = {}
