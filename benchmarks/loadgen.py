@@ -37,7 +37,8 @@ class Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def call(self, raw: bytes) -> tuple[int, bytes]:
+    async def call(self, raw: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, whether the server closes the connection after this response)"""
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -47,9 +48,7 @@ class Conn:
             raise ValueError("response without content-length")
         j = lower.find(b"\r\n", i)
         body = await self.reader.readexactly(int(head[i + 15:j]))
-        if b"connection: close" in lower:
-            raise ConnectionResetError("server closed the connection")
-        return status, body
+        return status, body, b"connection: close" in lower
 
     def close(self) -> None:
         self.writer.close()
@@ -94,8 +93,11 @@ async def run_closed(spec: dict, reqs: list[bytes], rec: Recorder, t0: float) ->
             try:
                 if conn is None:
                     conn = await connect(spec["host"], spec["port"])
-                status, body = await asyncio.wait_for(conn.call(reqs[idx]), timeout)
+                status, body, closing = await asyncio.wait_for(conn.call(reqs[idx]), timeout)
                 rec.ok(start, time.perf_counter(), status, idx, body)
+                if closing:  # a complete answer; the next request needs a new connection
+                    conn.close()
+                    conn = None
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
                 rec.error(type(exc).__name__)
                 if conn is not None:
@@ -130,9 +132,12 @@ async def run_open(spec: dict, reqs: list[bytes], rec: Recorder, t0: float) -> N
                 if conn is None:
                     conn = await connect(spec["host"], spec["port"])
                     open_conns[0] += 1
-                status, body = await asyncio.wait_for(conn.call(reqs[idx]), timeout)
+                status, body, closing = await asyncio.wait_for(conn.call(reqs[idx]), timeout)
                 rec.ok(scheduled, time.perf_counter(), status, idx, body)
-                idle.append(conn)
+                if closing:
+                    conn.close()
+                else:
+                    idle.append(conn)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
                 rec.error(type(exc).__name__)
                 if conn is not None:
