@@ -189,22 +189,14 @@ class Engine:
             raise
         self.stats.request_accepted(len(items), tokenize_s)
         self.active_requests += 1
-        gathered = asyncio.gather(*(item.future for item in items))
+        waiter = _RequestWaiter(items, deadline, {client_gone: ClientDisconnected("client disconnected"),
+                                                  self._stop_waiting(): ShuttingDown(
+                                                      "the server shut down before this request finished")})
         outcome, reason = "failed", None
         try:
-            stopping = self._stop_waiting()
-            waits = {gathered, stopping} | ({client_gone} if client_gone is not None else set())
-            done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if gathered in done:
-                results = gathered.result()
-                outcome = "completed"
-                return results
-            if client_gone is not None and client_gone in done:
-                raise ClientDisconnected("client disconnected")
-            if stopping in done:
-                raise ShuttingDown("the server shut down before this request finished (drain timeout)")
-            raise DeadlineExceeded("request deadline passed before its inputs were embedded")
+            await waiter.future
+            outcome = "completed"
+            return [item.future.result() for item in items]
         except DeadlineExceeded:
             outcome = "timed_out"
             raise
@@ -218,17 +210,59 @@ class Engine:
             outcome = "cancelled"
             raise
         finally:
+            waiter.close()
             for item in items:
                 if not item.future.done():
                     self.queue.cancel(item)  # the model will skip it, even from a formed batch
                     item.future.cancel()
-            gathered.cancel()  # a no-op when done; else it ends later with an exception (the cancellation)
-            gathered.add_done_callback(_retrieve)  # so asyncio logs no "exception never retrieved" noise
             self.active_requests -= 1
             self.stats.request_finished(outcome, time.monotonic() - started, reason)
             self.scheduler.notify()
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
+class _RequestWaiter:
+    """One future per request, done when all its inputs are, at the first failure, at the deadline,
+    or when one of `stops` (client gone, drain timeout) fires. Cheaper per request than gather +
+    asyncio.wait with a timeout, which matters at thousands of requests per second."""
+
+    def __init__(self, items: Sequence[Pending], deadline: float,
+                 stops: dict[asyncio.Future | None, BaseException]) -> None:
+        loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = loop.create_future()
+        self._left = len(items)
+        self._items = items
+        for item in items:
+            item.future.add_done_callback(self._input_done)
+        # loop.time() is time.monotonic(), the clock deadlines are set in
+        self._timer = loop.call_at(deadline, self._fail, DeadlineExceeded(
+            "request deadline passed before its inputs were embedded"))
+        self._stops = {f: exc for f, exc in stops.items() if f is not None}
+        for stop in self._stops:
+            stop.add_done_callback(self._stopped)
+
+    def _input_done(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return  # only this request cancels its own inputs, after it has finished waiting
+        exc = future.exception()  # also marks it retrieved: no "never retrieved" log noise
+        if exc is not None:
+            self._fail(exc)
+            return
+        self._left -= 1
+        if self._left == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def _stopped(self, stop: asyncio.Future) -> None:
+        self._fail(self._stops[stop])
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self.future.done() and not self.future.cancelled():
+            self.future.exception()  # retrieved, whether or not the awaiting task saw it
+        for stop in self._stops:
+            stop.remove_done_callback(self._stopped)  # the drain future is shared by every request
+        for item in self._items:
+            item.future.remove_done_callback(self._input_done)

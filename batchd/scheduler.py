@@ -39,8 +39,11 @@ class Scheduler:
         self.base_params = self.params = dataclasses.replace(self.base_params, max_batch_tokens=max_batch_tokens)
 
     def notify(self) -> None:
-        """New work arrived (or left): plan again."""
-        self._wakeup.set()
+        """New work arrived (or left): plan again, unless both batch slots are taken, when nothing
+        can be dispatched before a batch finishes (and that wakes the scheduler itself). Under load
+        this saves a scheduler step per arrival."""
+        if self.inflight < self.params.max_inflight:
+            self._wakeup.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -132,11 +132,11 @@ async def embeddings(request: Request) -> Response:
     except BatchdError as exc:
         engine.stats.request_rejected(exc.code or type(exc).__name__)
         raise
-    client_gone = asyncio.ensure_future(_wait_disconnect(request))
+    client_gone = DisconnectWatch(request)
     try:
-        results = await engine.embed(admitted.token_ids, admitted.deadline, client_gone, admitted.tokenize_s)
+        results = await engine.embed(admitted.token_ids, admitted.deadline, client_gone.future, admitted.tokenize_s)
     finally:
-        client_gone.cancel()
+        client_gone.close()
     req = admitted.body
     prompt_tokens = int(sum(len(t) for t in admitted.token_ids))
     data = [{"object": "embedding", "index": i, "embedding": _encode(r.vector, req.dimensions, req.encoding_format)}
@@ -174,10 +174,33 @@ async def _validate_and_tokenize(request: Request, engine: Engine) -> _Admitted:
     return _Admitted(req, token_ids, received, deadline, time.perf_counter() - started)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    """Resolves when the client goes away (the server sends http.disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+class DisconnectWatch:
+    """`future` resolves when the client goes away (the server sends http.disconnect). Watching
+    costs a task per request, so it starts only once a request has waited WATCH_AFTER_S: a quick
+    answer needs no watch, and a client that leaves a slow one is still noticed while queued."""
+
+    WATCH_AFTER_S = 0.05
+
+    def __init__(self, request: Request) -> None:
+        loop = asyncio.get_running_loop()
+        self._receive = request.receive
+        self.future: asyncio.Future[None] = loop.create_future()
+        self._task: asyncio.Task | None = None
+        self._timer = loop.call_later(self.WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _encode(vector: np.ndarray, dimensions: int | None, fmt: str) -> np.ndarray | str:
