@@ -19,77 +19,30 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from batchd.testing import ServerProcess
+
 HOST = "127.0.0.1"
 WORDS = ("server batch queue latency token model thread vector padding bucket budget client request "
          "future scheduler throughput deadline overload admission retry drain").split()
 
 
 # ---- the server ------------------------------------------------------------------------------------
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))
-    sock.listen(4096)
-    sock.set_inheritable(True)
-    port = sock.getsockname()[1]
+def start_server(args: argparse.Namespace) -> ServerProcess:
     sets = [f"server.request_timeout_s={args.server_timeout}", f"batching.max_queue={args.max_queue}"]
     if args.real:
         sets += ["model.device=cpu"]
     else:
         sets += ["model.backend=fake", "model.name=fake", f"model.fake_batch_ms={args.fake_batch_ms}",
                  f"model.fake_token_us={args.fake_token_us}"]
-    cmd = [sys.executable, "-m", "batchd", "serve", "--config", str(ROOT / "config.toml"),
-           "--bind", f"fd://{sock.fileno()}", "--log-level", "warning"]
-    for s in sets:
-        cmd += ["--set", s]
-    # the server's log goes to a file: a pipe nobody reads would block its event loop once full
-    log = tempfile.NamedTemporaryFile("w+", prefix="batchd-overload-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    log.close()
-    sock.close()
-    give_up = time.monotonic() + args.ready_timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {Path(proc.log_path).read_text()[-2000:]}")  # type: ignore[attr-defined]
-        try:
-            status, _ = asyncio.run(get(port, "/health"))
-            if status == 200:
-                return proc, port
-        except OSError:
-            pass
-        if time.monotonic() > give_up:
-            stop_server(proc)
-            raise SystemExit("server did not become ready in time")
-        time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    try:
+        return ServerProcess.batchd(sets).wait_ready(args.ready_timeout)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ---- a minimal keep-alive HTTP/1.1 client -------------------------------------------------------------
@@ -271,27 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     assert 0 < args.seconds <= 300 and 0 < args.factor <= 50 and args.max_conns <= 4096, "bounded runs only"
 
     headers = {"Content-Type": "application/json", "x-request-timeout": str(args.timeout)}
-    proc, port = start_server(args)
+    server = start_server(args)
+    port = server.port
     try:
         # warm up (and let the cost model learn), then measure
         asyncio.run(closed_loop(port, 16, 1.0, headers))
-        rss0 = rss_mib(proc.pid)
+        rss0 = server.rss_mb()["rss_mb"]
         sat_headers = {**headers, "x-request-timeout": str(args.server_timeout)}  # saturate: never refuse
         sat, sat_s = asyncio.run(closed_loop(port, args.concurrency, args.sat_seconds, sat_headers))
         sat_rate = sat.status[200] / sat_s
-        rss1 = rss_mib(proc.pid)
+        rss1 = server.rss_mb()["rss_mb"]
         stats_before = json.loads(asyncio.run(get(port, "/stats"))[1])
         rate = sat_rate * args.factor
         over, send_s, offered = asyncio.run(open_loop(port, rate, args.seconds, headers, args.max_conns))
-        rss2 = rss_mib(proc.pid)
+        rss2 = server.rss_mb()["rss_mb"]
         stats_after = json.loads(asyncio.run(get(port, "/stats"))[1])
         health = asyncio.run(get(port, "/health"))[0]
     finally:
-        rc = stop_server(proc)
-
-    log_text = Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+        rc = server.stop()
+        log_text = server.log_text()
+        server.close()
     log_errors = sum(1 for line in log_text.splitlines() if " ERROR " in line)
-    Path(proc.log_path).unlink()  # type: ignore[attr-defined]
     sent = offered - over.skipped
     accepted = over.status[200]
     # 200s per second from the first arrival to the last 200 (the queue's tail drains after the offer ends)

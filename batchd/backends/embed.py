@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the model's threads 
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import FatalBackendError, InvalidRequest
+from ..errors import FatalBackendError
 from .base import Backend
 
 # A token covers at most this many characters in practice; longer texts are cut (at a space)

@@ -9,22 +9,13 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import server_process
+from tests.helpers import server_process, stats_until
 
 pytestmark = pytest.mark.slow
 
 FAKE = ("model.backend=fake", "model.name=fake", "batching.max_batch_size=1", "batching.max_inflight_batches=1",
         "batching.max_wait_ms=0")
 
-
-async def _until(client: httpx.AsyncClient, predicate, timeout: float = 20, what: str = "condition") -> dict:
-    give_up = time.monotonic() + timeout
-    while True:
-        stats = (await client.get("/stats")).json()
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < give_up, f"timed out waiting for {what}: {stats}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -34,7 +25,7 @@ def test_signal_drains_accepted_work_refuses_new_and_exits_0(sig):
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
                 accepted = [asyncio.create_task(client.post("/v1/embeddings", json={"input": f"job {i}"}))
                             for i in range(4)]
-                await _until(client, lambda s: s["requests_total"] == 4, what="4 accepted")
+                await stats_until(client, lambda s: s["requests_total"] == 4, what="4 accepted")
                 proc.send_signal(sig)
                 # new work is refused while the accepted work still runs
                 give_up = time.monotonic() + 10
@@ -61,7 +52,7 @@ def test_drain_timeout_bounds_shutdown():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
                 accepted = [asyncio.create_task(client.post("/v1/embeddings", json={"input": f"job {i}"}))
                             for i in range(4)]
-                await _until(client, lambda s: s["requests_total"] == 4, what="4 accepted")
+                await stats_until(client, lambda s: s["requests_total"] == 4, what="4 accepted")
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.wait_for(asyncio.gather(*accepted, return_exceptions=True), timeout=30)
         results = asyncio.run(scenario())

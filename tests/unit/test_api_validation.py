@@ -209,7 +209,7 @@ def test_binds_loopback_by_default():
 async def test_poisoned_input_500_hides_internals():
     async with app_client(fake_config()) as (client, engine):
         r = await client.post(URL, json={"input": "__poison__ here"})
-        err = assert_error(r, 500, code="inference_failed")
+        assert_error(r, 500, code="inference_failed")
         assert "poison" not in r.text and "ValueError" not in r.text
 
 
@@ -219,7 +219,7 @@ async def test_unexpected_error_is_a_bare_500(monkeypatch):
             raise RuntimeError("secret internals at /opt/model/weights")
         monkeypatch.setattr(engine.backend, "tokenize", broken)
         r = await client.post(URL, json={"input": "a"})
-        err = assert_error(r, 500, None, "internal_error")
+        assert_error(r, 500, None, "internal_error")
         assert "secret" not in r.text and "RuntimeError" not in r.text and "/opt" not in r.text
 
 
