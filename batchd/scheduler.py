@@ -8,6 +8,8 @@ import logging
 import time
 from typing import Callable
 
+import numpy as np
+
 from .errors import DeadlineExceeded, EngineDead, InferenceFailed, ShuttingDown
 from .estimators import ArrivalGap, BatchCost
 from .policy import Dispatch, Hold, PolicyParams, padding_ratio, plan_batch
@@ -90,11 +92,11 @@ class Scheduler:
         try:
             outcome = future.result()
         except BaseException as exc:  # the executor itself failed: treat as a lost device
-            outcome = BatchOutcome(outputs=[exc] * len(batch), ran=[False] * len(batch), fatal=exc)
+            outcome = BatchOutcome(outputs=[exc] * len(batch), fatal=exc)
         padding = padding_ratio(outcome.real_tokens, outcome.padded_tokens)
         waits = []
-        for item, output, ran in zip(batch, outcome.outputs, outcome.ran):
-            if ran:
+        for item, output in zip(batch, outcome.outputs):
+            if isinstance(output, np.ndarray):
                 wait = max(0.0, outcome.started - item.arrival)
                 waits.append(wait)
                 _complete(item.future, result=ItemResult(output, wait, outcome.model_s, outcome.batch_size, padding))

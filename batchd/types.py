@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,9 +36,8 @@ class ItemResult:
 
 @dataclass(slots=True)
 class BatchOutcome:
-    """The model thread's answer for one batch: per input either an array or an exception."""
-    outputs: list[np.ndarray | BaseException]
-    ran: list[bool]  # False for inputs dropped (cancelled) before the model saw them
+    """The model thread's answer for one batch: per input an array, an exception, or None."""
+    outputs: list[np.ndarray | BaseException | None]  # None: dropped (cancelled) before the model saw it
     started: float = 0.0  # time.monotonic() when the model thread picked the batch up
     model_s: float = 0.0
     real_tokens: int = 0
@@ -47,4 +46,3 @@ class BatchOutcome:
     calls: int = 0  # forward calls, >1 when the batch was bisected after a failure
     oom: bool = False
     fatal: BaseException | None = None
-    sizes: list[int] = field(default_factory=list)

@@ -40,8 +40,7 @@ class ModelWorker:
     def run_batch(self, items: Sequence[Pending]) -> BatchOutcome:
         """Embed the inputs still wanted. On an exception, bisect the batch so that only the
         input(s) that raise fail; an out-of-memory error bisects too and is reported."""
-        outcome = BatchOutcome(outputs=[None] * len(items), ran=[False] * len(items),  # type: ignore[list-item]
-                               started=time.monotonic(), fatal=self.dead)
+        outcome = BatchOutcome(outputs=[None] * len(items), started=time.monotonic(), fatal=self.dead)
         wanted = [i for i, item in enumerate(items) if not item.cancelled]  # dropped while it waited
         outcome.batch_size = len(wanted)
         if wanted:
@@ -76,9 +75,7 @@ class ModelWorker:
             self._run_part(items, part[:half], outcome)
             self._run_part(items, part[half:], outcome)
             return
-        outcome.sizes.append(len(part))
         outcome.padded_tokens += padded
         for row, i in enumerate(part):
             outcome.outputs[i] = vectors[row]
-            outcome.ran[i] = True
             outcome.real_tokens += items[i].n_tokens
