@@ -1,5 +1,5 @@
-"""Server processes under test, each on a free 127.0.0.1 port bound here and passed down as fd://N
-(the technique of tests/helpers.py: no port race). Stopped by their own PID: SIGTERM, then SIGKILL.
+"""Server processes under test, each a `batchd.testing.ServerProcess`: a free 127.0.0.1 port bound
+here and passed down as fd://N (no port race), stopped by its own PID: SIGTERM, then SIGKILL.
 
   batchd   - `python -m batchd serve --config ... --set ...`
   bare     - a bare Starlette + Hypercorn route that decodes the body and returns the same JSON shape
