@@ -13,6 +13,7 @@ from typing import Callable
 
 import httpx
 import numpy as np
+import pytest
 
 from batchd.api.app import create_app
 from batchd.engine import Engine
@@ -245,11 +246,8 @@ async def test_disconnected_client_inputs_are_dropped_from_the_queue():
         stayer = asyncio.create_task(engine.embed([ids(400)], time.monotonic() + 30, loop.create_future()))
         await until(lambda: engine.queue.depth == 4)
         gone.set_result(None)
-        try:
+        with pytest.raises(ClientDisconnected):
             await leaver
-            raise AssertionError("expected ClientDisconnected")
-        except ClientDisconnected:
-            pass
         assert engine.queue.depth == 1
         gate.open()
         await first
@@ -272,11 +270,8 @@ async def test_disconnected_client_inputs_are_dropped_from_a_formed_batch():
         stayer = asyncio.create_task(engine.embed([ids(400)], time.monotonic() + 30, loop.create_future()))
         await until(lambda: engine.scheduler.inflight == 2 and engine.queue.depth == 0, what="second batch formed")
         gone.set_result(None)
-        try:
+        with pytest.raises(ClientDisconnected):
             await leaver
-            raise AssertionError("expected ClientDisconnected")
-        except ClientDisconnected:
-            pass
         gate.open()
         await first
         assert len(await stayer) == 1
