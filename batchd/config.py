@@ -62,6 +62,7 @@ class ModelConfig(_Section):
 class BatchingConfig(_Section):
     max_wait_ms: float = 2.0
     adaptive_wait: bool = True
+    merge_lanes: bool = True
     max_batch_size: int = 64
     max_batch_tokens: int = 8192
     # every 4 tokens to 64, every 8 to 128, every 16 to 256: fine lanes that merge when it pays

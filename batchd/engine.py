@@ -37,7 +37,7 @@ class Engine:
         self.stats = Stats(lambda: self.queue.depth, lambda: self.scheduler.inflight)
         params = PolicyParams(b.max_batch_size, b.max_batch_tokens, b.max_wait_ms / 1e3,
                               b.max_inflight_batches, b.adaptive_wait)
-        self.scheduler = Scheduler(self.queue, self.worker, self.stats, params, self._die)
+        self.scheduler = Scheduler(self.queue, self.worker, self.stats, params, self._die, b.merge_lanes)
         self.state = "loading"
         self.failure: str | None = None
         self.active_requests = 0

@@ -24,12 +24,13 @@ OOM_BACKOFF_S = 30.0  # how long the token budget stays halved after an out-of-m
 
 class Scheduler:
     def __init__(self, queue: RequestQueue, worker: ModelWorker, stats: Stats, params: PolicyParams,
-                 on_fatal: Callable[[BaseException], None]) -> None:
+                 on_fatal: Callable[[BaseException], None], merge_lanes: bool = True) -> None:
         self.queue = queue
         self.worker = worker
         self.stats = stats
         self.base_params = self.params = params
         self.on_fatal = on_fatal
+        self.merge_lanes = merge_lanes
         self.inflight = 0
         self.inflight_tokens = 0  # real tokens of the batches handed to the model thread, not yet back
         self.arrivals = ArrivalGap()
@@ -55,7 +56,8 @@ class Scheduler:
             if self._budget_restore_at and now >= self._budget_restore_at:
                 self.params, self._budget_restore_at = self.base_params, 0.0
             decision = plan_batch(self.queue.views(), now, self.params, self.inflight,
-                                  self.arrivals.expected(now), self.cost.overhead_s, self.cost.merge_tokens)
+                                  self.arrivals.expected(now), self.cost.overhead_s,
+                                  self.cost.merge_tokens if self.merge_lanes else 0.0)
             if isinstance(decision, Dispatch):
                 self._dispatch(decision, now)
                 continue

@@ -100,3 +100,16 @@ async def test_a_cancelled_caller_is_never_run(inflight):
         snap = engine.stats.snapshot()
         assert snap["outcomes"] == {"completed": 2, "failed": 0, "cancelled": 1, "timed_out": 0}
         assert snap["queue_depth"] == 0
+
+
+@pytest.mark.parametrize("merge, expected", [(True, [8]), (False, [4, 4])])
+async def test_neighbouring_lanes_share_a_batch_only_when_merging_is_on(merge, expected):
+    # 20 ms per batch and 10 us per token: a batch's fixed cost is worth far more than the padding
+    # that 60-token inputs add when they ride with 64-token ones (lanes 60 and 64)
+    cfg = fake_config(model={"fake_batch_ms": 20, "fake_token_us": 10}, batching={"merge_lanes": merge})
+    async with running_engine(cfg) as engine:
+        busy = asyncio.ensure_future(engine.embed(_ids(engine, "busy"), _deadline()))
+        await asyncio.sleep(0.005)
+        texts = [" ".join(f"w{i}_{j}" for j in range(58 + 4 * (i % 2))) for i in range(8)]  # 60 or 64 tokens
+        await asyncio.gather(busy, *(engine.embed(_ids(engine, t), _deadline()) for t in texts))
+        assert engine.backend.batch_sizes == [1, *expected]
