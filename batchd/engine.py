@@ -151,7 +151,7 @@ class Engine:
         now = time.monotonic()
         rate = self.scheduler.cost.tokens_per_s
         if rate > 0:
-            ahead = self.queue.tokens + self.scheduler.inflight_tokens  # formed batches are still ahead
+            ahead = self._tokens_ahead()
             mine = sum(len(t) for t in token_ids)
             # A batch answers as a whole: under load the one carrying these inputs also carries later
             # arrivals, up to a full batch (bounded by the work ahead, so an idle server is not pessimistic).
@@ -173,10 +173,13 @@ class Engine:
         self.scheduler.notify()
         return items
 
+    def _tokens_ahead(self) -> int:
+        """Real tokens a new request waits behind: queued, and in batches already formed."""
+        return self.queue.tokens + self.scheduler.inflight_tokens
+
     def _retry_after(self) -> str:
         rate = self.scheduler.cost.tokens_per_s
-        ahead = self.queue.tokens + self.scheduler.inflight_tokens
-        return str(max(1, math.ceil(ahead / rate))) if rate > 0 else "1"
+        return str(max(1, math.ceil(self._tokens_ahead() / rate))) if rate > 0 else "1"
 
     async def embed(self, token_ids: Sequence[np.ndarray], deadline: float,
                     client_gone: asyncio.Future | None = None, tokenize_s: float = 0.0) -> list[ItemResult]:
@@ -190,9 +193,9 @@ class Engine:
             raise
         self.stats.request_accepted(len(items), tokenize_s)
         self.active_requests += 1
-        waiter = _RequestWaiter(items, deadline, {client_gone: ClientDisconnected("client disconnected"),
-                                                  self._stop_waiting(): ShuttingDown(
-                                                      "the server shut down before this request finished")})
+        waiter = _RequestWaiter(items, deadline, {
+            client_gone: (ClientDisconnected, "client disconnected"),
+            self._stop_waiting(): (ShuttingDown, "the server shut down before this request finished")})
         outcome, reason = "failed", None
         try:
             await waiter.future
@@ -227,7 +230,7 @@ class _RequestWaiter:
     asyncio.wait with a timeout, which matters at thousands of requests per second."""
 
     def __init__(self, items: Sequence[Pending], deadline: float,
-                 stops: dict[asyncio.Future | None, BaseException]) -> None:
+                 stops: dict[asyncio.Future | None, tuple[type[BatchdError], str]]) -> None:
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[None] = loop.create_future()
         self._left = len(items)
@@ -235,8 +238,8 @@ class _RequestWaiter:
         for item in items:
             item.future.add_done_callback(self._input_done)
         # loop.time() is time.monotonic(), the clock deadlines are set in
-        self._timer = loop.call_at(deadline, self._fail, DeadlineExceeded(
-            "request deadline passed before its inputs were embedded"))
+        self._timer = loop.call_at(deadline, self._fail, DeadlineExceeded,
+                                   "request deadline passed before its inputs were embedded")
         self._stops = {f: exc for f, exc in stops.items() if f is not None}
         for stop in self._stops:
             stop.add_done_callback(self._stopped)
@@ -246,18 +249,20 @@ class _RequestWaiter:
             return  # only this request cancels its own inputs, after it has finished waiting
         exc = future.exception()  # also marks it retrieved: no "never retrieved" log noise
         if exc is not None:
-            self._fail(exc)
+            if not self.future.done():
+                self.future.set_exception(exc)
             return
         self._left -= 1
         if self._left == 0 and not self.future.done():
             self.future.set_result(None)
 
     def _stopped(self, stop: asyncio.Future) -> None:
-        self._fail(self._stops[stop])
+        self._fail(*self._stops[stop])
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, error: type[BatchdError], message: str) -> None:
+        """The exception is only built when the request ends this way, not on every request."""
         if not self.future.done():
-            self.future.set_exception(exc)
+            self.future.set_exception(error(message))
 
     def close(self) -> None:
         self._timer.cancel()

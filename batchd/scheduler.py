@@ -75,17 +75,19 @@ class Scheduler:
                 batch.append(item)
         if not batch:
             return
+        tokens = sum(item.n_tokens for item in batch)
         self.inflight += 1
-        self.inflight_tokens += sum(item.n_tokens for item in batch)
+        self.inflight_tokens += tokens
         # Only batches with work behind them show the drain rate that admission plans with: a lone
         # input on an idle server is slow per token and would make the server look slower than it is.
         saturated = self.queue.depth > 0
         future = self.worker.submit(batch)
-        future.add_done_callback(lambda f: self._batch_done(batch, f, saturated))
+        future.add_done_callback(lambda f: self._batch_done(batch, tokens, f, saturated))
 
-    def _batch_done(self, batch: list[Pending], future: asyncio.Future[BatchOutcome], saturated: bool = True) -> None:
+    def _batch_done(self, batch: list[Pending], tokens: int, future: asyncio.Future[BatchOutcome],
+                    saturated: bool) -> None:
         self.inflight -= 1
-        self.inflight_tokens -= sum(item.n_tokens for item in batch)
+        self.inflight_tokens -= tokens
         self._wakeup.set()
         if future.cancelled():  # the engine closed before the model thread took this batch
             for item in batch:
