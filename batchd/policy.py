@@ -108,8 +108,8 @@ def plan_batch(
 def merge_lanes(live: Sequence[BucketView], head: int, params: PolicyParams,
                 merge_tokens: float) -> tuple[tuple[tuple[int, int], ...], int]:
     """The head lane's oldest inputs, joined by neighbouring lanes while the batch has room and a
-    merge adds at most `merge_tokens` padded tokens (what one batch's fixed cost is worth, so a
-    merge never costs more than the batch it saves) and the batch stays under MAX_MERGED_PADDING
+    merge adds at most `merge_tokens` padded tokens (the caller prices them against the fixed cost
+    of the batch a merge saves: estimators.BatchCost.merge_tokens) and the batch stays under MAX_MERGED_PADDING
     (a guard for when the cost estimate is off, e.g. on a busy machine).
     Returns the takes (shortest lane first) and the batch's capacity."""
     lo = hi = head
