@@ -19,14 +19,24 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--bind", default=None, help="hypercorn bind (host:port, unix:PATH or fd://N); "
                        "overrides server.host/port")
     serve.add_argument("--log-level", default="info")
+    prepare = sub.add_parser("prepare", help="convert the configured GGUF models once (set-up; serving then loads in seconds)")
+    prepare.add_argument("--config", default=None, help="path of config.toml (defaults when omitted)")
+    prepare.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, getattr(args, "overrides", []))
     except ConfigError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
         return 2
+    if args.command == "prepare":
+        from .backends.model_files import resolve_model_path
+
+        for model in config.models:
+            if model.backend != "fake":
+                print(f"{model.name}: {resolve_model_path(model.path)}")
+        return 0
     from .server import serve_forever  # heavy imports only once the config is known good
 
     asyncio.run(serve_forever(config, args.bind))
