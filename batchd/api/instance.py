@@ -24,10 +24,13 @@ def ray_replica_id() -> str | None:
     plain batchd must not need it or pay for it (a replica has imported it already)."""
     if "ray.serve" not in sys.modules:
         return None
-    from ray.serve.context import _get_internal_replica_context
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    context = _get_internal_replica_context()  # the public get_replica_context() raises outside a replica
-    return context.replica_tag if context is not None else None
+    try:
+        return serve.get_replica_context().replica_tag  # replica_id.unique_id
+    except RayServeException:  # Ray is imported here, but this process is no replica
+        return None
 
 
 class InstanceHeader:
