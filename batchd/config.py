@@ -125,14 +125,28 @@ class ModelConfig(_Section):
 
 
 class RayConfig(_Section):
-    """`batchd ray`: replicas of the whole server on Ray Serve (pip install .[ray])."""
+    """`batchd ray` and `batchd.ray:app_builder`: replicas of the whole server on Ray Serve (pip install .[ray])."""
     num_replicas: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float = 1.0  # reserved per replica: Ray places replicas by it (and never two where one fits)
     num_gpus: float = 0.0
     min_replicas: int = 0  # with max_replicas > 0: autoscale between these
     max_replicas: int = 0
     target_ongoing_requests: int = 0  # 0: derived from the largest batch, so batches can fill
     max_ongoing_requests: int = 0  # 0: derived (at least 2x the largest batch)
+    health_check_period_s: float = 2.0  # a replica whose engine died is replaced within about this
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"  # EveryNode: a proxy per node (same port)
+    metrics_export_port: int = 8080  # Ray's Prometheus export, on clusters that `batchd ray` starts
+
+    def __post_init__(self) -> None:
+        _check(self.num_replicas >= 1, "ray.num_replicas must be >= 1")
+        _check(self.num_cpus >= 0 and self.num_gpus >= 0, "ray.num_cpus and ray.num_gpus must be >= 0")
+        _check(self.min_replicas >= 0, "ray.min_replicas must be >= 0")
+        _check(self.max_replicas == 0 or self.max_replicas >= max(self.min_replicas, 1),
+               "ray.max_replicas must be 0 (no autoscaling) or >= ray.min_replicas and >= 1")
+        _check(self.target_ongoing_requests >= 0, "ray.target_ongoing_requests must be >= 0")
+        _check(self.max_ongoing_requests >= 0, "ray.max_ongoing_requests must be >= 0")
+        _check(self.health_check_period_s > 0, "ray.health_check_period_s must be > 0")
+        _check(0 <= self.metrics_export_port <= 65535, "ray.metrics_export_port must be within 0..65535")
 
 
 class Config(_Section):

@@ -1,59 +1,56 @@
-"""The engine wires queue, scheduler, model worker and stats, and owns admission and lifecycle."""
+"""One engine per served model: its backend, its model thread, its scheduler loop and its stats.
+This module holds what every task shares (lifecycle, supervision, drain); the task-specific parts
+are batchd/embed (batches of inputs) and batchd/generate (continuous batching of sequences)."""
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
-import math
 import time
-from typing import Sequence
 
-import numpy as np
-
-from . import calibrate
 from .backends import Backend, make_backend
-from .config import Config
-from .errors import (BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, Overloaded,
-                     ShuttingDown)
-from .policy import PolicyParams, bucket_of
-from .queue import RequestQueue
-from .scheduler import Scheduler
-from .stats import Stats
-from .types import ItemResult, Pending
+from .config import Config, ModelConfig, ServerConfig
+from .errors import BatchdError, EngineDead, NotReady, ShuttingDown
+from .metrics import ModelMetrics, PrometheusMetrics, state_reading
+from .scheduler import StepLoop, Task
 from .worker import ModelWorker
 
 log = logging.getLogger("batchd.engine")
 
 
 class Engine:
-    """Lifecycle: loading -> ready -> draining -> stopped, or -> dead when the model thread fails."""
+    """Lifecycle: loading -> ready -> draining -> stopped, or -> dead when the model thread or the
+    scheduler fails. Subclasses build `self.task` (what the scheduler loop plans) and `self.stats`."""
 
-    def __init__(self, config: Config, backend: Backend | None = None) -> None:
-        self.config = config
-        self.backend = backend or make_backend(config.model)
-        b = config.batching
-        self.queue = RequestQueue(list(b.buckets))
+    kind = "embed"
+
+    def __init__(self, server: ServerConfig, model: ModelConfig, backend: Backend | None = None,
+                 metrics: ModelMetrics | None = None) -> None:
+        self.server_config = server
+        self.model_config = model
+        self.backend = backend or make_backend(model)
+        self.name = model.name
+        self.metrics = metrics or PrometheusMetrics().for_model(model.name)
+        self.metrics.track("batchd_engine_state", state_reading(lambda: self.state))
         self.worker = ModelWorker(self.backend)
-        self.stats = Stats(lambda: self.queue.depth, lambda: self.scheduler.inflight)
-        params = PolicyParams(b.max_batch_size, b.max_batch_tokens, b.max_wait_ms / 1e3,
-                              b.max_inflight_batches, b.adaptive_wait)
-        self.scheduler = Scheduler(self.queue, self.worker, self.stats, params, self._die, b.merge_lanes)
         self.state = "loading"
         self.failure: str | None = None
         self.active_requests = 0
-        self._task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task | None = None
         self._stopping: asyncio.Future | None = None
+
+    def build_loop(self, task: Task) -> StepLoop:
+        self.loop = StepLoop(task, self.worker, self._die)
+        return self.loop
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm the model on its thread, then start scheduling. /health is 503 until then."""
         try:
             await self.worker.load()
-            await self._probe_cost()
-            if self.config.batching.max_batch_tokens == 0:
-                await self._calibrate_budget()
+            await self.warm_up()
         except Exception as exc:
-            log.exception("model failed to load")
+            log.exception("model %s failed to load", self.name)
             self._die(exc)
             return
         if self.state == "loading":
@@ -61,31 +58,22 @@ class Engine:
             # GC stops rescanning them on every full collection under load (236 ms each, measured).
             gc.collect()
             gc.freeze()
-            self._task = asyncio.create_task(self.scheduler.run(), name="batchd-scheduler")
+            self._loop_task = asyncio.create_task(self.loop.run(), name=f"batchd-scheduler-{self.name}")
+            self._loop_task.add_done_callback(self._loop_ended)
             self.state = "ready"
-            log.info("model %s ready", self.backend.name)
+            log.info("model %s ready", self.name)
 
-    async def _probe_cost(self) -> None:
-        """Time a few small batches so the cost model knows a batch's fixed cost from the first
-        request on (the adaptive wait and lane merging depend on it)."""
-        await self._time_batches(self.config.batching.buckets[0] * 4, min(8, self.config.batching.max_batch_size))
+    async def warm_up(self) -> None:
+        """Start-up measurements on the model thread (cost probes); nothing by default."""
 
-    async def _calibrate_budget(self) -> None:
-        """max_batch_tokens = 0: measure the model on the longest bucket and size the budget to it."""
-        b = self.config.batching
-        points = await self._time_batches(b.buckets[-1], b.max_batch_size)
-        budget = max(calibrate.choose_budget(points), b.buckets[-1])
-        self.scheduler.set_token_budget(budget)
-        log.info("token budget calibrated: %d padded tokens per batch (measured %s)", budget,
-                 ", ".join(f"{t} tok: {s * 1e3:.0f} ms" for t, s in points))
-
-    async def _time_batches(self, length: int, max_size: int) -> list[tuple[int, float]]:
-        """Doubling batches of `length` tokens timed on the model thread; each timing seeds the cost model."""
-        points = await self.worker.call(calibrate.measure, self.backend.embed, length, max_size,
-                                        self.backend.calibration_token_id)
-        for tokens, seconds in points:
-            self.scheduler.cost.seed(tokens, seconds)
-        return points
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """Supervision: a scheduler loop only ends when cancelled at close; anything else is a bug
+        that would hang every request until its deadline, so the engine dies loudly instead."""
+        if task.cancelled():
+            return
+        exc = task.exception() or RuntimeError("the scheduler loop returned")
+        log.error("scheduler of %s died", self.name, exc_info=exc)
+        self._die(exc)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, let accepted requests finish. True when all finished within timeout."""
@@ -97,14 +85,14 @@ class Engine:
         if not self.active_requests:
             return True
         # Out of time: answer the rest 503 now, rather than let the HTTP server cut them off (a bare 500).
-        if not self._stop_waiting().done():
-            self._stop_waiting().set_result(None)
+        if not self.stop_waiting().done():
+            self.stop_waiting().set_result(None)
         give_up = time.monotonic() + 1.0
         while self.active_requests and time.monotonic() < give_up:
             await asyncio.sleep(0.01)
         return False
 
-    def _stop_waiting(self) -> asyncio.Future:
+    def stop_waiting(self) -> asyncio.Future:
         """Resolved when accepted requests must stop waiting (the drain timed out)."""
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_future()
@@ -113,25 +101,25 @@ class Engine:
     async def close(self) -> None:
         if self.state != "dead":
             self.state = "stopped"
-        self._fail_queued(ShuttingDown("the server is shutting down"))
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self.fail_waiting(ShuttingDown("the server is shutting down"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
         self.worker.shutdown()
 
     def _die(self, exc: BaseException) -> None:
         if self.state == "dead":
             return
-        log.error("engine dead: %r", exc)
+        log.error("engine %s dead: %r", self.name, exc)
         self.state, self.failure = "dead", type(exc).__name__
-        self._fail_queued(EngineDead("the model worker failed; the server cannot serve"))
+        self.fail_waiting(EngineDead("the model worker failed; the server cannot serve"))
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()
 
-    def _fail_queued(self, exc: BatchdError) -> None:
-        for item in self.queue.drain():
-            if not item.future.done():
-                item.future.set_exception(exc)
+    def fail_waiting(self, exc: BatchdError) -> None:
+        """Fail every request that waits for this engine (death, shutdown)."""
+        raise NotImplementedError
 
-    # ---- requests ------------------------------------------------------------------------------
     def check_accepting(self) -> None:
         if self.state == "ready":
             return
@@ -141,134 +129,17 @@ class Engine:
             raise EngineDead("the model worker failed; the server cannot serve")
         raise ShuttingDown("the server is shutting down")
 
-    def submit(self, token_ids: Sequence[np.ndarray], deadline: float) -> list[Pending]:
-        """Admit all inputs of one request or none, fast: refusal beats a hidden queue."""
-        self.check_accepting()
-        max_queue = self.config.batching.max_queue
-        if self.queue.depth + len(token_ids) > max_queue:
-            raise Overloaded(f"queue full: {self.queue.depth} inputs waiting (max_queue={max_queue})",
-                             headers={"Retry-After": self._retry_after()})
-        now = time.monotonic()
-        rate = self.scheduler.cost.tokens_per_s
-        if rate > 0:
-            ahead = self._tokens_ahead()
-            mine = sum(len(t) for t in token_ids)
-            # A batch answers as a whole: under load the one carrying these inputs also carries later
-            # arrivals, up to a full batch (bounded by the work ahead, so an idle server is not pessimistic).
-            p = self.scheduler.params
-            longest = bucket_of(max(len(t) for t in token_ids), self.config.batching.buckets) or p.max_batch_tokens
-            rest_of_batch = max(0, min(ahead, p.max_batch_tokens - longest, (p.max_batch_size - 1) * longest))
-            expected_s = (ahead + mine + rest_of_batch) / rate
-            if now + expected_s > deadline:
-                raise Overloaded(
-                    f"the queue ahead needs about {expected_s:.1f} s, past this request's deadline",
-                    code="deadline_unmeetable", headers={"Retry-After": self._retry_after()})
-        loop = asyncio.get_running_loop()
-        buckets = self.config.batching.buckets
-        items = [Pending(ids, bucket_of(len(ids), buckets), now, deadline, loop.create_future())  # type: ignore[arg-type]
-                 for ids in token_ids]
-        for item in items:
-            self.queue.push(item)
-            self.scheduler.arrivals.observe(now)
-        self.scheduler.notify()
-        return items
-
-    def _tokens_ahead(self) -> int:
-        """Real tokens a new request waits behind: queued, and in batches already formed."""
-        return self.queue.tokens + self.scheduler.inflight_tokens
-
-    def _retry_after(self) -> str:
-        rate = self.scheduler.cost.tokens_per_s
-        return str(max(1, math.ceil(self._tokens_ahead() / rate))) if rate > 0 else "1"
-
-    async def embed(self, token_ids: Sequence[np.ndarray], deadline: float,
-                    client_gone: asyncio.Future | None = None, tokenize_s: float = 0.0) -> list[ItemResult]:
-        """Queue the inputs of one request and wait for all of them, the deadline or the client
-        leaving, whichever comes first. Every accepted request is counted once in one outcome."""
-        started = time.monotonic()
-        try:
-            items = self.submit(token_ids, deadline)
-        except BatchdError as exc:  # refused at admission: not accepted, counted by reason
-            self.stats.request_rejected(exc.code or type(exc).__name__)
-            raise
-        self.stats.request_accepted(len(items), tokenize_s)
-        self.active_requests += 1
-        waiter = _RequestWaiter(items, deadline, {
-            client_gone: (ClientDisconnected, "client disconnected"),
-            self._stop_waiting(): (ShuttingDown, "the server shut down before this request finished")})
-        outcome, reason = "failed", None
-        try:
-            await waiter.future
-            outcome = "completed"
-            return [item.future.result() for item in items]
-        except DeadlineExceeded:
-            outcome = "timed_out"
-            raise
-        except ClientDisconnected:
-            outcome = "cancelled"
-            raise
-        except BatchdError as exc:
-            reason = exc.code
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            waiter.close()
-            for item in items:
-                if not item.future.done():
-                    self.queue.cancel(item)  # the model will skip it, even from a formed batch
-                    item.future.cancel()
-            self.active_requests -= 1
-            self.stats.request_finished(outcome, time.monotonic() - started, reason)
-            self.scheduler.notify()
+    def snapshot(self) -> dict:
+        """/stats for this model."""
+        return {"model": self.name, "task": self.kind, "state": self.state, **self.stats.snapshot()}
 
 
-class _RequestWaiter:
-    """One future per request, done when all its inputs are, at the first failure, at the deadline,
-    or when one of `stops` (client gone, drain timeout) fires. Cheaper per request than gather +
-    asyncio.wait with a timeout, which matters at thousands of requests per second."""
-
-    def __init__(self, items: Sequence[Pending], deadline: float,
-                 stops: dict[asyncio.Future | None, tuple[type[BatchdError], str]]) -> None:
-        loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[None] = loop.create_future()
-        self._left = len(items)
-        self._items = items
-        for item in items:
-            item.future.add_done_callback(self._input_done)
-        # loop.time() is time.monotonic(), the clock deadlines are set in
-        self._timer = loop.call_at(deadline, self._fail, DeadlineExceeded,
-                                   "request deadline passed before its inputs were embedded")
-        self._stops = {f: exc for f, exc in stops.items() if f is not None}
-        for stop in self._stops:
-            stop.add_done_callback(self._stopped)
-
-    def _input_done(self, future: asyncio.Future) -> None:
-        if future.cancelled():
-            return  # only this request cancels its own inputs, after it has finished waiting
-        exc = future.exception()  # also marks it retrieved: no "never retrieved" log noise
-        if exc is not None:
-            if not self.future.done():
-                self.future.set_exception(exc)
-            return
-        self._left -= 1
-        if self._left == 0 and not self.future.done():
-            self.future.set_result(None)
-
-    def _stopped(self, stop: asyncio.Future) -> None:
-        self._fail(*self._stops[stop])
-
-    def _fail(self, error: type[BatchdError], message: str) -> None:
-        """The exception is only built when the request ends this way, not on every request."""
-        if not self.future.done():
-            self.future.set_exception(error(message))
-
-    def close(self) -> None:
-        self._timer.cancel()
-        if self.future.done() and not self.future.cancelled():
-            self.future.exception()  # retrieved, whether or not the awaiting task saw it
-        for stop in self._stops:
-            stop.remove_done_callback(self._stopped)  # the drain future is shared by every request
-        for item in self._items:
-            item.future.remove_done_callback(self._input_done)
+def make_engine(config: Config, model: ModelConfig | None = None, metrics: ModelMetrics | None = None,
+                backend: Backend | None = None) -> Engine:
+    """The engine for one of the config's models (the first when `model` is None)."""
+    model = model or config.model
+    if model.kind == "generate":
+        from .generate.engine import GenerateEngine
+        return GenerateEngine(config.server, model, backend, metrics)
+    from .embed.engine import EmbedEngine
+    return EmbedEngine(config.server, model, backend, metrics)

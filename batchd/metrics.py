@@ -99,12 +99,14 @@ class PrometheusMetrics:
         self.registry.register(_PulledGauges(self._pulled))
 
     def for_model(self, model: str) -> "PrometheusModelMetrics":
-        return PrometheusModelMetrics(model, self._families, self._pulled)
+        return PrometheusModelMetrics(self, model)
 
 
 class PrometheusModelMetrics:
-    def __init__(self, model: str, families: dict, pulled: dict[str, list[tuple[str, Reading]]]) -> None:
+    def __init__(self, exporter: PrometheusMetrics, model: str) -> None:
+        self.exporter = exporter
         self.model = model
+        families, pulled = exporter._families, exporter._pulled
         self._families = families
         self._pulled = pulled
         self._children: dict[tuple[str, str | None], object] = {}  # labels() costs ~1 us; cache it

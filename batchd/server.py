@@ -10,17 +10,16 @@ from hypercorn.config import Config as HypercornConfig
 
 from .api.app import create_app
 from .config import Config
-from .engine import Engine
 
 log = logging.getLogger("batchd.server")
 
 
 async def serve_forever(config: Config, bind: str | None = None) -> None:
-    engine = Engine(config)
-    app = create_app(config, engine)
+    app = create_app(config)
+    engines = app.state.models.engines
     hc = HypercornConfig()
     hc.bind = [bind or f"{config.server.host}:{config.server.port}"]
-    hc.workers = 1  # one process: one model, one queue
+    hc.workers = 1  # one process: the engines (queues, schedulers, model threads) live here
     hc.graceful_timeout = config.server.drain_timeout_s
     hc.keep_alive_timeout = 75
     hc.accesslog = None
@@ -28,7 +27,8 @@ async def serve_forever(config: Config, bind: str | None = None) -> None:
 
     async def drain_then_stop() -> None:
         log.info("signal received: draining (up to %.0f s)", config.server.drain_timeout_s)
-        finished = await engine.drain(config.server.drain_timeout_s)
+        drained = await asyncio.gather(*(e.drain(config.server.drain_timeout_s) for e in engines))
+        finished = all(drained)
         log.info("drained: %s", "all accepted requests answered" if finished else "timed out")
         stop.set()
 

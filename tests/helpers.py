@@ -11,7 +11,7 @@ import httpx
 
 from batchd.api.app import create_app
 from batchd.config import Config, config_from_dict
-from batchd.engine import Engine
+from batchd.engine import Engine, make_engine
 from batchd.testing import ROOT, ServerProcess
 
 __all__ = ["ROOT", "app_client", "fake_config", "make_config", "running_engine", "server_process", "stats_until"]
@@ -29,7 +29,7 @@ def fake_config(model: dict | None = None, batching: dict | None = None, server:
 
 @asynccontextmanager
 async def running_engine(config: Config) -> AsyncIterator[Engine]:
-    engine = Engine(config)
+    engine = make_engine(config)
     await engine.start()
     try:
         yield engine

@@ -1,36 +1,52 @@
-"""The Starlette application: routes, error handlers, and the engine's lifespan."""
+"""The Starlette application: routes, error handlers, the engines' lifespan, per-response metrics."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from typing import AsyncIterator
+import time
+from typing import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Config
-from ..engine import Engine
-from . import routes
+from ..engine import Engine, make_engine
+from ..metrics import PrometheusMetrics
+from . import embeddings, routes
 from .errors import HANDLERS
+from .instance import InstanceHeader, default_instance_id
+from .models import ServedModels
 
 
-def create_app(config: Config, engine: Engine | None = None) -> Starlette:
-    """The engine starts loading at startup in the background, so /health answers 503 meanwhile."""
+def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None, metrics=None,
+               instance: str | None = None) -> Starlette:
+    """One engine per configured model (or the given ones). The engines start loading at startup in
+    the background, so /health answers 503 meanwhile. `metrics` is the exporter the engines record
+    into (Prometheus by default; batchd/ray passes Ray's); `instance` names this process in the
+    x-batchd-instance header of every response."""
+    if isinstance(engines, Engine):
+        engines = [engines]
+    if engines is None:
+        metrics = metrics or PrometheusMetrics()
+        engines = [make_engine(config, model, metrics.for_model(model.name)) for model in config.models]
+    served = ServedModels(list(engines))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loading = asyncio.create_task(app.state.engine.start())
+        loading = [asyncio.create_task(engine.start()) for engine in served.engines]
         try:
             yield
         finally:
-            loading.cancel()
-            await app.state.engine.close()
+            for task in loading:
+                task.cancel()
+            await asyncio.gather(*(engine.close() for engine in served.engines))
 
     app = Starlette(
         routes=[
-            Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
-            Route("/embeddings", routes.embeddings, methods=["POST"]),
+            Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+            Route("/embeddings", embeddings.embeddings, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/stats", routes.stats, methods=["GET"]),
@@ -40,6 +56,33 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )
-    app.state.engine = engine or Engine(config)
+    app.state.models = served
+    app.state.config = config
+    app.state.started = time.monotonic()
+    app.state.registry = getattr(metrics, "registry", None) or served.registry()
     app.state.api_key = os.environ.get("BATCHD_API_KEY") or config.server.api_key
+    app.add_middleware(ResponseCounter, served=served)
+    app.add_middleware(InstanceHeader, instance_id=instance or default_instance_id())
     return app
+
+
+class ResponseCounter:
+    """batchd_http_responses_total{model,status}: every answer, refusals included, by status code.
+    A route that resolved its model puts the name in request.state.model."""
+
+    def __init__(self, app: ASGIApp, served: ServedModels) -> None:
+        self.app = app
+        self.served = served
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                model = (scope.get("state") or {}).get("model", "")
+                self.served.metrics_for(model).inc("batchd_http_responses", label=str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

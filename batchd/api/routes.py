@@ -1,28 +1,25 @@
-"""HTTP handlers: decode and validate (msgspec), tokenize, hand to the engine, encode (orjson)."""
+"""What every handler shares (auth, body, JSON decoding, deadline, disconnects, JSON answers) and
+the operations routes (/v1/models, /health, /stats, /metrics)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
-import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ..engine import Engine
-from ..errors import (BatchdError, ClientDisconnected, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized,
-                      UnsupportedMediaType)
-from ..types import ItemResult
-from .schemas import EmbeddingRequest
+from ..config import ServerConfig
+from ..errors import (ClientDisconnected, InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType)
+from .models import ServedModels
 
 log = logging.getLogger("batchd.api")
-_decoder = msgspec.json.Decoder(EmbeddingRequest)
+T = TypeVar("T")
 
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -30,8 +27,12 @@ def json_response(payload: object, status: int = 200, headers: dict[str, str] | 
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+def served(request: Request) -> ServedModels:
+    return request.app.state.models
+
+
+def server_config(request: Request) -> ServerConfig:
+    return request.app.state.config.server
 
 
 def check_api_key(request: Request) -> None:
@@ -41,6 +42,19 @@ def check_api_key(request: Request) -> None:
     given = request.headers.get("authorization", "")
     if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+async def read_json_request(request: Request, decoder: msgspec.json.Decoder) -> tuple[object, float, float]:
+    """Auth, content type, deadline and body checks every POST route makes, then the decoded body.
+    Returns (body, received at, deadline), both on time.monotonic()."""
+    check_api_key(request)
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
+    cfg = server_config(request)
+    received = time.monotonic()
+    deadline = received + request_timeout(request, cfg.request_timeout_s)
+    return decode_request(await read_body(request, cfg.max_body_bytes), decoder), received, deadline
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,9 +74,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_request(body: bytes) -> EmbeddingRequest:
+def decode_request(body: bytes, decoder: msgspec.json.Decoder):
     try:
-        return _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else None
@@ -73,33 +87,6 @@ def decode_request(body: bytes) -> EmbeddingRequest:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # msgspec refuses very deep nesting this way; a client error, not a 500
         raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
-
-
-def split_inputs(raw: object, max_inputs: int) -> tuple[list[str] | None, list[list[int]] | None]:
-    """(texts, None) or (None, token id rows); refuses empty, mixed and too many inputs."""
-    if isinstance(raw, str):
-        rows: list = [raw]
-    else:
-        assert isinstance(raw, list)
-        if not raw:
-            raise InvalidRequest("input must not be an empty list", param="input")
-        rows = raw
-    kinds = {type(x) for x in rows}
-    if kinds == {int}:  # one token-id list
-        return None, [rows]
-    if len(rows) > max_inputs:
-        raise InvalidRequest(f"input has {len(rows)} items, more than max_inputs_per_request={max_inputs}",
-                             param="input")
-    if kinds == {str}:
-        for i, text in enumerate(rows):
-            if not text:
-                raise InvalidRequest("input must not contain empty strings",
-                                     param="input" if isinstance(raw, str) else f"input[{i}]")
-        return rows, None
-    if kinds == {list}:
-        return None, rows
-    raise InvalidRequest("input must be a string, a list of strings, a list of token ids or a list of "
-                         "token-id lists, not a mix", param="input")
 
 
 def request_timeout(request: Request, default: float) -> float:
@@ -113,65 +100,6 @@ def request_timeout(request: Request, default: float) -> float:
     if not value > 0:
         raise InvalidRequest("x-request-timeout must be a positive number of seconds", param="x-request-timeout")
     return min(value, default)  # a client may shorten its deadline, not lengthen it
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """A request that passed every check before the queue: what the engine needs to run it."""
-    body: EmbeddingRequest
-    token_ids: list[np.ndarray]
-    received: float
-    deadline: float
-    tokenize_s: float
-
-
-async def embeddings(request: Request) -> Response:
-    engine = _engine(request)
-    try:  # refusals before the engine accepts the request are counted by reason
-        admitted = await _validate_and_tokenize(request, engine)
-    except BatchdError as exc:
-        engine.stats.request_rejected(exc.code or type(exc).__name__)
-        raise
-    client_gone = DisconnectWatch(request)
-    try:
-        results = await engine.embed(admitted.token_ids, admitted.deadline, client_gone.future, admitted.tokenize_s)
-    finally:
-        client_gone.close()
-    req = admitted.body
-    prompt_tokens = int(sum(len(t) for t in admitted.token_ids))
-    data = [{"object": "embedding", "index": i, "embedding": _encode(r.vector, req.dimensions, req.encoding_format)}
-            for i, r in enumerate(results)]
-    payload = {"object": "list", "data": data, "model": engine.backend.name,
-               "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-    return json_response(payload, headers=_timing_headers(results, time.monotonic() - admitted.received))
-
-
-async def _validate_and_tokenize(request: Request, engine: Engine) -> _Admitted:
-    check_api_key(request)
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
-    server_cfg = engine.config.server
-    received = time.monotonic()
-    deadline = received + request_timeout(request, server_cfg.request_timeout_s)
-    req = decode_request(await read_body(request, server_cfg.max_body_bytes))
-    backend = engine.backend
-    if req.model is not None and req.model != backend.name:
-        raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {backend.name!r}",
-                            param="model")
-    if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
-        raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")
-    engine.check_accepting()  # before tokenizing: a loading or draining server answers at once
-    texts, token_rows = split_inputs(req.input, engine.config.batching.max_inputs_per_request)
-    truncate = engine.config.model.truncate if req.truncate is None else req.truncate
-    started = time.perf_counter()
-    if texts is not None:
-        if server_cfg.log_inputs:
-            log.info("embedding inputs: %r", texts)
-        token_ids = backend.tokenize(texts, truncate)
-    else:
-        token_ids = backend.check_token_ids(token_rows, truncate)  # type: ignore[arg-type]
-    return _Admitted(req, token_ids, received, deadline, time.perf_counter() - started)
 
 
 class DisconnectWatch:
@@ -203,56 +131,42 @@ class DisconnectWatch:
             self._task.cancel()
 
 
-def _encode(vector: np.ndarray, dimensions: int | None, fmt: str) -> np.ndarray | str:
-    if dimensions is not None and dimensions < len(vector):
-        vector = vector[:dimensions]
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)  # re-normalise what is kept
-    if fmt == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return vector
-
-
-def _timing_headers(results: list[ItemResult], total_s: float) -> dict[str, str]:
-    """TEI-style timings, plus the size and padding of the batch the (slowest) input rode in."""
-    slowest = max(results, key=lambda r: r.queue_s + r.inference_s)
-    return {
-        "x-queue-time": f"{slowest.queue_s * 1e3:.2f}",
-        "x-inference-time": f"{slowest.inference_s * 1e3:.2f}",
-        "x-total-time": f"{total_s * 1e3:.2f}",
-        "x-batch-size": str(slowest.batch_size),
-        "x-batch-padding": f"{slowest.batch_padding:.4f}",
-    }
-
-
+# ---- operations routes ---------------------------------------------------------------------------
 async def models(request: Request) -> Response:
     check_api_key(request)
-    engine = _engine(request)
-    created = int(time.time() - engine.stats.snapshot()["uptime_s"])
+    created = int(time.time() - (time.monotonic() - request.app.state.started))
     return json_response({"object": "list", "data": [
-        {"id": engine.backend.name, "object": "model", "created": created, "owned_by": "batchd"}]})
+        {"id": e.name, "object": "model", "created": created, "owned_by": "batchd", "task": e.kind}
+        for e in served(request).engines]})
 
 
 async def health(request: Request) -> Response:
-    engine = _engine(request)
-    body = {"status": engine.state}
-    if engine.failure:
-        body["failure"] = engine.failure
-    return json_response(body, status=200 if engine.state == "ready" else 503)
+    models = served(request)
+    state = models.state
+    body: dict = {"status": state}
+    failures = {e.name: e.failure for e in models.engines if e.failure}
+    if failures:
+        body["failure"] = next(iter(failures.values())) if len(models.engines) == 1 else failures
+    if len(models.engines) > 1:
+        body["models"] = {e.name: e.state for e in models.engines}
+    return json_response(body, status=200 if state == "ready" else 503)
 
 
 async def stats(request: Request) -> Response:
+    """The first model's figures at the top level (as before several models), every model's under
+    "models"."""
     check_api_key(request)
-    engine = _engine(request)
-    return json_response({"model": engine.backend.name, "state": engine.state,
-                          "max_batch_tokens": engine.scheduler.params.max_batch_tokens,
-                          "cost_model": engine.scheduler.cost.snapshot(), **engine.stats.snapshot()})
+    snaps = {e.name: e.snapshot() for e in served(request).engines}
+    first = next(iter(snaps.values()))
+    return json_response({**first, "models": snaps})
 
 
 async def stats_reset(request: Request) -> Response:
     check_api_key(request)
-    _engine(request).stats.reset()
+    for engine in served(request).engines:
+        engine.stats.reset()
     return json_response({"reset": True})
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_engine(request).stats.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

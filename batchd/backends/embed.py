@@ -1,7 +1,6 @@
 """Sentence embedding with a transformers encoder (default: the packaged all-MiniLM-L6-v2)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,21 +15,11 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import FatalBackendError
 from .base import Backend
+from .model_files import resolve_model_path  # noqa: F401  (re-exported: tests and benchmarks import it here)
 
 # A token covers at most this many characters in practice; longer texts are cut (at a space)
 # before tokenizing so that a 1 MB body costs no more than a max-length one.
 _CHARS_PER_TOKEN_BOUND = 24
-
-
-def resolve_model_path(spec: str) -> Path:
-    """`package:NAME` -> the model folder inside an installed package; anything else is a path."""
-    if spec.startswith("package:"):
-        found = importlib.util.find_spec(spec.removeprefix("package:"))  # does not run the package
-        if found is None or found.origin is None:
-            raise FileNotFoundError(f"model.path: package {spec[8:]!r} is not installed")
-        root = Path(found.origin).parent
-        return root / "model" if (root / "model" / "config.json").exists() else root
-    return Path(spec)
 
 
 def sentence_transformers_pooling(path: Path) -> tuple[str, bool]:

@@ -145,7 +145,7 @@ def test_still_correct_after_the_fuzz(served):
     assert lt.run(client.get("/health")).status_code == 200
     r = lt.run(client.post(URL, json={"input": ["hello world", "bye"]}))
     assert r.status_code == 200
-    reference = FakeBackend(engine.config.model)
+    reference = FakeBackend(engine.model_config)
     reference.load()
     expected, _ = reference.embed(reference.tokenize(["hello world"], False))
     np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected[0], rtol=1e-6)

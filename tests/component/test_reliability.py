@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from batchd.api.app import create_app
-from batchd.engine import Engine
+from batchd.engine import Engine, make_engine
 from batchd.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from tests.helpers import app_client, fake_config, running_engine
 
@@ -113,7 +113,7 @@ async def test_full_queue_is_429_at_once_with_retry_after_and_keeps_what_is_queu
         assert stats["rejections"] == {"queue_full": 2}
         assert stats["outcomes"]["completed"] == 5 and stats["requests_total"] == 5
         metrics = (await client.get("/metrics")).text
-        assert 'batchd_request_failure_total{reason="queue_full"} 2.0' in metrics
+        assert 'batchd_request_failure_total{model="fake",reason="queue_full"} 2.0' in metrics
 
 
 async def test_deadline_that_cannot_be_met_is_refused_at_admission():
@@ -375,7 +375,7 @@ async def test_dead_engine_fails_everything_pending_fast_and_refuses_new_work():
 # ---- not ready, draining ------------------------------------------------------------------------
 async def test_not_ready_is_503_until_the_model_is_loaded():
     config = fake_config()
-    engine = Engine(config)  # not started: still loading
+    engine = make_engine(config)  # not started: still loading
     transport = httpx.ASGITransport(app=create_app(config, engine))
     async with httpx.AsyncClient(transport=transport, base_url="http://batchd.test") as client:
         r = await client.post(URL, json={"input": "a"})

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from batchd.api.app import create_app
 from batchd.backends.embed import resolve_model_path
-from batchd.engine import Engine
+from batchd.engine import Engine, make_engine
 from batchd.errors import InvalidRequest
 from tests.helpers import make_config
 
@@ -48,10 +48,12 @@ def reference():
     return embed
 
 
+CONFIG = make_config(model={"device": "cpu"}, server={"request_timeout_s": 120})  # correctness, not deadlines
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    cfg = make_config(model={"device": "cpu"}, server={"request_timeout_s": 120})  # correctness, not deadlines
-    eng = Engine(cfg)
+    eng = make_engine(CONFIG)
     await eng.start()
     assert eng.state == "ready"
     yield eng
@@ -112,7 +114,7 @@ async def test_many_concurrent_requests_share_the_tokenizer_safely(engine):
     tokenizes on the event-loop thread, so 300 concurrent mixed requests must all succeed."""
     import httpx
 
-    app = create_app(engine.config, engine)
+    app = create_app(CONFIG, engine)
     rng = random.Random(7)
     words = "alpha beta gamma delta tokenizer thread borrowed batch queue future padding".split()
     bodies = []
@@ -134,7 +136,7 @@ async def test_many_concurrent_requests_share_the_tokenizer_safely(engine):
 async def test_http_options_dimensions_and_base64(engine):
     import httpx
 
-    app = create_app(engine.config, engine)
+    app = create_app(CONFIG, engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         full = (await c.post("/v1/embeddings", json={"input": "hello there"})).json()["data"][0]["embedding"]
         r = await c.post("/v1/embeddings", json={"input": "hello there", "dimensions": 64,

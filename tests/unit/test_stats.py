@@ -3,6 +3,7 @@ import math
 import pytest
 
 from batchd.estimators import ArrivalGap, BatchCost
+from batchd.metrics import PrometheusMetrics
 from batchd.stats import Stats
 
 
@@ -34,14 +35,15 @@ def test_reset_clears_counters_but_not_uptime():
 def test_prometheus_counts_padding_and_failures_by_reason():
     from prometheus_client import generate_latest
 
-    stats = Stats(lambda: 5, lambda: 0)
+    exporter = PrometheusMetrics()
+    stats = Stats(lambda: 5, lambda: 0, exporter.for_model("m"))
     stats.batch_finished(size=2, calls=1, real=7, padded=10, model_s=0.01, queue_waits=[0.0, 0.0])
     stats.request_rejected("queue_full")
-    text = generate_latest(stats.metrics.registry).decode()
-    assert "batchd_queue_size 5.0" in text
-    assert "batchd_batch_real_tokens_total 7.0" in text
-    assert "batchd_batch_padded_tokens_total 10.0" in text
-    assert 'batchd_request_failure_total{reason="queue_full"} 1.0' in text
+    text = generate_latest(exporter.registry).decode()
+    assert 'batchd_queue_size{model="m"} 5.0' in text
+    assert 'batchd_batch_real_tokens_total{model="m"} 7.0' in text
+    assert 'batchd_batch_padded_tokens_total{model="m"} 10.0' in text
+    assert 'batchd_request_failure_total{model="m",reason="queue_full"} 1.0' in text
 
 
 def test_batch_cost_recovers_overhead_and_per_token_cost():

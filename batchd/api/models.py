@@ -1,0 +1,65 @@
+"""The served models: which engine answers a request, by its `model` field and the route's task."""
+from __future__ import annotations
+
+from ..engine import Engine
+from ..errors import InvalidRequest, ModelNotFound
+from ..metrics import PrometheusMetrics
+
+_TASK_WORDS = {"embed": "embeddings", "generate": "text generation"}
+
+
+class ServedModels:
+    def __init__(self, engines: list[Engine]) -> None:
+        self.engines = engines
+        self.by_name = {engine.name: engine for engine in engines}
+        self._unnamed_metrics = None
+
+    def default(self, kind: str) -> Engine | None:
+        """The first model of this task (where refusals before a model is known are counted)."""
+        return next((e for e in self.engines if e.kind == kind), None)
+
+    def resolve(self, name: str | None, kind: str) -> Engine:
+        """The engine a request names, or the one model of the route's task when it names none."""
+        if name is None:
+            of_kind = [e for e in self.engines if e.kind == kind]
+            if len(of_kind) == 1:
+                return of_kind[0]
+            if not of_kind:
+                raise InvalidRequest(f"this server serves no {_TASK_WORDS[kind]} model "
+                                     f"(it serves {self.describe()})", param="model")
+            raise InvalidRequest(f"model is required: this server serves several {_TASK_WORDS[kind]} models "
+                                 f"({', '.join(e.name for e in of_kind)})", param="model")
+        engine = self.by_name.get(name)
+        if engine is None:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.describe()}",
+                                param="model")
+        if engine.kind != kind:
+            raise InvalidRequest(f"model {name!r} is a {_TASK_WORDS[engine.kind]} model and cannot serve "
+                                 f"{_TASK_WORDS[kind]}", param="model")
+        return engine
+
+    def describe(self) -> str:
+        return ", ".join(f"{e.name!r} ({_TASK_WORDS[e.kind]})" for e in self.engines)
+
+    def metrics_for(self, name: str):
+        engine = self.by_name.get(name)
+        if engine is not None:
+            return engine.metrics
+        if self._unnamed_metrics is None:  # responses before any model was known: model=""
+            exporter = getattr(self.engines[0].metrics, "exporter", None) or PrometheusMetrics()
+            self._unnamed_metrics = exporter.for_model("")
+        return self._unnamed_metrics
+
+    def registry(self):
+        """The Prometheus registry the engines record into."""
+        exporter = getattr(self.engines[0].metrics, "exporter", None)
+        return exporter.registry if exporter is not None else None
+
+    @property
+    def state(self) -> str:
+        """The whole server's state: ready only when every model is."""
+        states = [e.state for e in self.engines]
+        for state in ("dead", "loading", "draining", "stopped"):
+            if state in states:
+                return state
+        return "ready"

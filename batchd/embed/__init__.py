@@ -1,0 +1,1 @@
+"""Embeddings: batches of inputs, each batch one step in which every input finishes."""

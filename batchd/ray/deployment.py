@@ -1,0 +1,120 @@
+"""The Ray Serve deployment: each replica is a whole batchd (its models, queues, schedulers and model
+threads) serving the same Starlette app as ASGI behind Ray's proxy. batchd does the batching, so no
+`@serve.batch`, and no Hypercorn inside a replica: Ray's proxy speaks HTTP and hands requests over.
+
+Deployment options come from config.toml's [ray] section (RayConfig); what is left at 0 there is
+derived from the models' batch sizes, so that Ray's per-replica cap never caps a batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from ray import serve
+from ray.serve import Application
+
+from ..api.app import create_app
+from ..api.instance import default_instance_id
+from ..config import Config, ConfigError, config_from_dict, load_config
+from .metrics import RayMetrics
+
+log = logging.getLogger("batchd.ray")
+
+APP_NAME = "batchd"
+STATS_SCOPE = "replica"  # /stats under Ray counts one replica's work, not the whole deployment's
+
+
+def batch_capacity(config: Config) -> int:
+    """Requests one replica batches at once: per model its largest batch (embed) or running
+    sequences (generate), summed, since every model batches on its own thread at the same time."""
+    return sum(m.generation.max_running_seqs if m.kind == "generate" else m.batching.max_batch_size
+               for m in config.models)
+
+
+def deployment_options(config: Config, replicas: int | None = None) -> dict[str, Any]:
+    """`serve.deployment` options from the config.
+
+    max_ongoing_requests (Ray's cap on requests inside one replica) defaults to 2x the batch
+    capacity: batchd runs one batch while it forms the next, and a single-input request is one
+    ongoing request, so a smaller cap would starve the batch being formed. Requests over the cap
+    wait in Ray's router, which sends them to the replica with the fewest ongoing requests.
+    The autoscaling target defaults to 1x: a replica gets company once it has a full batch waiting
+    behind the running one, not before (a lower target would split load into small batches).
+    """
+    ray_cfg = config.ray
+    capacity = batch_capacity(config)
+    options: dict[str, Any] = {
+        "name": APP_NAME,
+        "max_ongoing_requests": ray_cfg.max_ongoing_requests or 2 * capacity,
+        "ray_actor_options": {"num_cpus": ray_cfg.num_cpus, "num_gpus": ray_cfg.num_gpus},
+        # Ray drains a stopping replica (no new requests, ongoing ones finish) before its lifespan
+        # closes the engines: the same bound as batchd's own drain on SIGTERM.
+        "graceful_shutdown_timeout_s": config.server.drain_timeout_s,
+        "health_check_period_s": ray_cfg.health_check_period_s,
+    }
+    if ray_cfg.max_replicas > 0:
+        options["autoscaling_config"] = {
+            "min_replicas": ray_cfg.min_replicas,
+            "max_replicas": ray_cfg.max_replicas,
+            "initial_replicas": max(ray_cfg.min_replicas, min(replicas or ray_cfg.num_replicas, ray_cfg.max_replicas)),
+            "target_ongoing_requests": ray_cfg.target_ongoing_requests or capacity,
+        }
+    else:
+        options["num_replicas"] = replicas or ray_cfg.num_replicas
+    return options
+
+
+@serve.ingress()  # no app here: each replica builds its own (engines are per process)
+class BatchdReplica:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config_from_dict(config)
+        self.metrics: RayMetrics | None = None
+        self._pusher: asyncio.Task | None = None
+        self._started = time.monotonic()
+
+    async def __serve_build_asgi_app__(self):
+        self.instance = default_instance_id()
+        self.metrics = RayMetrics()
+        # on the replica's event loop, where the app's engines run too
+        self._pusher = asyncio.create_task(self.metrics.run(), name="batchd-ray-metrics")
+        self.batchd_app = create_app(self.config, metrics=self.metrics, instance=self.instance)
+        self.batchd_app.state.stats_scope = STATS_SCOPE
+        return self.batchd_app
+
+    async def check_health(self) -> None:
+        """Ray's health check is /health's truth. The first check (before Ray routes any request
+        here) waits for the models to load; a dead engine fails it, so Ray replaces the replica."""
+        models = self.batchd_app.state.models
+        while models.state == "loading":
+            await asyncio.sleep(0.05)
+        if models.state == "dead":
+            states = {engine.name: engine.state for engine in models.engines}
+            raise RuntimeError(f"batchd replica {self.instance}: engine dead ({states})")
+
+    async def __del__(self) -> None:
+        if self._pusher is not None:
+            self._pusher.cancel()
+
+
+def build_app(config: Config, replicas: int | None = None) -> Application:
+    """The Serve application for `serve.run` (what `batchd ray` deploys)."""
+    deployment = serve.deployment(BatchdReplica).options(**deployment_options(config, replicas))
+    return deployment.bind(msgspec.to_builtins(config))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For Ray's own CLI and config files (`serve run batchd.ray:app_builder config=config.toml`).
+
+    args: `config` (path of config.toml; defaults when omitted), `set` (a list of
+    `section.key=value` overrides, or one), `replicas` (overrides ray.num_replicas).
+    """
+    overrides = args.get("set", [])
+    try:
+        config = load_config(args.get("config"), [overrides] if isinstance(overrides, str) else list(overrides))
+    except ConfigError as exc:
+        raise ValueError(f"batchd: {exc}") from None
+    replicas = args.get("replicas")
+    return build_app(config, int(replicas) if replicas is not None else None)
