@@ -18,12 +18,18 @@ import sys
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import heatmap, stat, timeseries
+from grafana_foundation_sdk.builders.common import ReduceDataOptions
 from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import BigValueTextMode
-from grafana_foundation_sdk.models.dashboard import (DashboardCursorSync, DataSourceRef, VariableOption,
-                                                     VariableRefresh, VariableSort)
+from grafana_foundation_sdk.models.common import BigValueGraphMode, BigValueTextMode
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync,
+    DataSourceRef,
+    VariableOption,
+    VariableRefresh,
+    VariableSort,
+)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUT = Path(__file__).with_name("batchd.json")
@@ -93,6 +99,14 @@ def build() -> Dashboard:
 
     dash = (
         dash.with_row(Row("Traffic"))
+        .with_panel(
+            stat.Panel().title("Engine state").datasource(DATASOURCE).span(24).height(4)
+            .description("The current state of each engine: loading, ready, draining, stopped or dead.")
+            .text_mode(BigValueTextMode.NAME).graph_mode(BigValueGraphMode.NONE)
+            .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+            # instant: the state now, not every state the engine passed through in the time range
+            .with_target(Dataquery().expr(f"{sel('batchd_engine_state')} == 1").instant()
+                         .legend_format("{{model}} on {{instance}}: {{state}}").ref_id("A")))
         .with_panel(graph(
             "Requests by outcome", "reqps",
             "Accepted requests as they end: completed, failed, cancelled (client left), timed_out (deadline). "
@@ -108,12 +122,6 @@ def build() -> Dashboard:
             "Every HTTP answer by status code. Responses that name no served model have model=\"\" "
             "(shown when Model is All).",
             (f"sum by (status) ({rate('batchd_http_responses_total')})", "{{status}}")))
-        .with_panel(
-            stat.Panel().title("Engine state").datasource(DATASOURCE).span(WIDTH).height(4)
-            .description("The current state of each engine: loading, ready, draining, stopped or dead.")
-            .text_mode(BigValueTextMode.NAME)
-            .with_target(Dataquery().expr(f"{sel('batchd_engine_state')} == 1")
-                         .legend_format("{{model}} on {{instance}}: {{state}}").ref_id("A")))
     )
 
     dash = (

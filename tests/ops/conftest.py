@@ -61,7 +61,7 @@ class Prometheus:
             stdout=self._log, stderr=subprocess.STDOUT, text=True)
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
-    def wait_ready(self, timeout: float = 30) -> "Prometheus":
+    def wait_ready(self, timeout: float = 30) -> Prometheus:
         give_up = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, f"prometheus exited with {self.proc.returncode}: {self.log_text()}"

@@ -127,5 +127,5 @@ def test_promtool_accepts_a_real_scrape(batchd, loaded):
         pytest.skip("promtool is not installed: apt-get install -y prometheus")
     status, body = batchd.get("/metrics")
     assert status == 200
-    done = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+    done = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30, check=False)
     assert done.returncode == 0, f"promtool check metrics:\n{done.stdout.decode()}{done.stderr.decode()}"
