@@ -47,7 +47,9 @@ def test_every_alert_says_what_and_how_bad():
         assert rule.get("for"), f"{rule['alert']} would fire on a single evaluation"
 
 
-def test_every_alert_has_a_unit_test_where_it_fires():
-    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
-    fired = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case.get("exp_alerts")}
-    assert fired == {rule["alert"] for rule in alert_rules()}
+def test_every_alert_has_unit_tests_where_it_fires_and_where_it_must_not():
+    cases = [case for test in yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+             for case in test["alert_rule_test"]]
+    alerts = {rule["alert"] for rule in alert_rules()}
+    assert {case["alertname"] for case in cases if case.get("exp_alerts")} == alerts
+    assert {case["alertname"] for case in cases if not case.get("exp_alerts")} == alerts
