@@ -1,0 +1,104 @@
+"""A middleware for Ray Serve's HTTP proxy: a request whose replica died before answering is sent
+again (Ray routes it to a live replica), or answered with a clean 503.
+
+Without it, a client whose replica is killed mid-request gets a bare 500 "Internal Server Error"
+from the proxy's HTTP server: Ray's proxy sends nothing when the replica actor dies. batchd's
+requests can be replayed safely: an embedding (or a non-streamed completion) has no side effect, and
+an attempt that never started a response gave the client nothing. A response once started is never
+retried.
+
+Ray loads it into every proxy from the environment the cluster was started with:
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchd.ray.proxy:middlewares
+(`batchd ray` sets it on the clusters it starts.) Imports nothing heavy: it runs in Ray's proxy.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CALLBACK = "batchd.ray.proxy:middlewares"
+ATTEMPTS = 3  # the first try and two more: a dead replica is dropped from routing at once
+MAX_REPLAY_BYTES = 8 << 20  # larger bodies are streamed through once, never buffered for a retry
+
+
+def middlewares() -> list[Middleware]:
+    """The callback Ray calls when each proxy starts."""
+    return [Middleware(RetryLostReplica)]
+
+
+class RetryLostReplica:
+    def __init__(self, app: ASGIApp, attempts: int = ATTEMPTS, backoff_s: float = 0.05) -> None:
+        self.app = app
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive, MAX_REPLAY_BYTES)
+        if not complete:  # too big to keep a copy: one attempt, the rest streamed from the client
+            await self.app(scope, _replay(body, receive), send)
+            return
+        started = False
+        disconnected = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def tracking_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
+
+        for attempt in range(self.attempts):
+            # a fresh scope each time: the proxy keys its per-request state by what it puts there
+            await self.app(dict(scope), _replay(body, tracking_receive), tracking_send)
+            if started or disconnected:
+                return
+            await asyncio.sleep(self.backoff_s * (attempt + 1))
+        await _send_unavailable(send)
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
+    """The request's body messages, up to `limit` bytes; False when more remain unread."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # a disconnect: replay it, the app will see it
+            return messages, True
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return messages, True
+        if size > limit:
+            return messages, False
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands out the buffered body again, then whatever the client sends next
+    (more body, or http.disconnect while the request waits)."""
+    queue = list(messages)
+
+    async def replay() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _send_unavailable(send: Send) -> None:
+    body = json.dumps({"error": {
+        "message": "the replica serving this request stopped, and no other replica could take it; retry",
+        "type": "server_error", "param": None, "code": "replica_unavailable"}}).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": body})
