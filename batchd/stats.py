@@ -120,3 +120,59 @@ def _percentiles(samples: deque[float]) -> dict[str, float | None]:
         return {"p50": None, "p90": None, "p99": None}
     p50, p90, p99 = np.percentile(np.fromiter(samples, dtype=np.float64), [50, 90, 99]) * 1e3
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+class GenerationStats(Stats):
+    """Stats plus what vLLM users watch: running/waiting sequences, KV cache use, generated tokens,
+    time to first token, inter-token latency, end-to-end latency."""
+
+    def __init__(self, waiting: Callable[[], int], running: Callable[[], int], kv_usage: Callable[[], float],
+                 metrics: ModelMetrics | None = None) -> None:
+        super().__init__(waiting, lambda: int(running() > 0), metrics)
+        self._running, self._kv_usage = running, kv_usage
+        self.metrics.track("batchd_num_requests_waiting", waiting)
+        self.metrics.track("batchd_num_requests_running", running)
+        self.metrics.track("batchd_kv_cache_usage_perc", kv_usage)
+
+    def reset(self) -> None:
+        super().reset()
+        self.generation_tokens = 0
+        self.steps = 0
+        self._ttft_s: deque[float] = deque(maxlen=_WINDOW)
+        self._itl_s: deque[float] = deque(maxlen=_WINDOW)
+        self._e2e_s: deque[float] = deque(maxlen=_WINDOW)
+
+    def token(self, since_previous: float, first: bool) -> None:
+        """One generated token; `since_previous` is from arrival for the first one."""
+        self.generation_tokens += 1
+        self.metrics.inc("batchd_generation_tokens")
+        if first:
+            self._ttft_s.append(since_previous)
+            self.metrics.observe("batchd_time_to_first_token_seconds", since_previous)
+        else:
+            self._itl_s.append(since_previous)
+            self.metrics.observe("batchd_inter_token_latency_seconds", since_previous)
+
+    def step_finished(self, sequences: int, tokens: int, model_s: float) -> None:
+        self.steps += 1
+        self.batch_finished(sequences, 1, tokens, tokens, model_s, [])
+
+    def request_finished(self, outcome: str, seconds: float, reason: str | None = None) -> None:
+        super().request_finished(outcome, seconds, reason)
+        if outcome == "completed":
+            self._e2e_s.append(seconds)
+            self.metrics.observe("batchd_e2e_request_latency_seconds", seconds)
+
+    def snapshot(self) -> dict:
+        snap = super().snapshot()
+        snap.update({
+            "num_requests_running": self._running(),
+            "num_requests_waiting": self._queue_size(),
+            "kv_cache_usage_perc": self._kv_usage(),
+            "generation_tokens": self.generation_tokens,
+            "steps_total": self.steps,
+        })
+        snap["latency_ms"].update({"time_to_first_token": _percentiles(self._ttft_s),
+                                   "inter_token": _percentiles(self._itl_s),
+                                   "e2e_generation": _percentiles(self._e2e_s)})
+        return snap

@@ -7,12 +7,16 @@ on the thread is the step's own business (`step.run(worker)`): an embedding batc
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from .backends import Backend
 
 T = TypeVar("T")
+# transformers' from_pretrained builds modules under process-wide patches (meta device, skipped init):
+# two models loading at once on two model threads leave one with meta tensors. Loads take turns.
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelWorker:
@@ -22,7 +26,11 @@ class ModelWorker:
         self.dead: BaseException | None = None  # once the device is lost, nothing more runs on it
 
     async def load(self) -> None:
-        await self.call(self.backend.load)
+        await self.call(self._load)
+
+    def _load(self) -> None:
+        with _LOAD_LOCK:
+            self.backend.load()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the model thread (start-up work such as loading and calibration)."""

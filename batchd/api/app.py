@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..engine import Engine, make_engine
 from ..metrics import PrometheusMetrics
-from . import embeddings, routes
+from . import completions, embeddings, routes
 from .errors import HANDLERS
 from .instance import InstanceHeader, default_instance_id
 from .models import ServedModels
@@ -47,6 +47,8 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
         routes=[
             Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
             Route("/embeddings", embeddings.embeddings, methods=["POST"]),
+            Route("/v1/chat/completions", completions.chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions.completions, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/stats", routes.stats, methods=["GET"]),

@@ -65,3 +65,58 @@ class FakeBackend(Backend):
         vectors = np.einsum("bt,btd->bd", mask.astype(np.float32), self._table[ids])
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors, ids.size
+
+
+class FakeGenerateBackend:
+    """A deterministic generation model without a model, for scheduler tests and Ray/ops tests:
+    the next token depends only on the previous token and its position; words are `w<id>`; a step
+    sleeps `fake_batch_ms` (an accelerator's step time). Same surface as backends.generate."""
+
+    vocab_size = 1000
+    eos_ids = {EOS}
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.max_length = cfg.max_length
+        self.slots = cfg.generation.max_running_seqs
+        self._running: set[int] = set()
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.slots * self.max_length
+
+    def tokenize_chat(self, messages: list[dict]) -> np.ndarray:
+        return self.tokenize_prompt(" ".join(str(m.get("content", "")) for m in messages))
+
+    def tokenize_prompt(self, text: str) -> np.ndarray:
+        return np.asarray([BOS, *(10 + zlib.crc32(w.encode()) % (self.vocab_size - 10) for w in text.split())],
+                          dtype=np.int64)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return "".join(f" w{i}" for i in ids if i >= 10)
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return False
+
+    def load(self) -> None:
+        pass
+
+    def step(self, work):
+        from .generate import StepOutput
+
+        started = time.monotonic()
+        self._running.difference_update(work.free)
+        self._running.update(seq for seq, _ in work.admit)
+        assert len(self._running) <= self.slots, "more running sequences than KV slots"
+        if work.prefill or work.decode:
+            time.sleep(self.cfg.fake_batch_ms / 1e3)
+        tokens = {seq: _next_token(int(ids[-1]), start + len(ids), suppress)
+                  for seq, ids, start, last, suppress in work.prefill if last}
+        tokens.update({seq: _next_token(tok, pos + 1, suppress) for seq, tok, pos, suppress in work.decode})
+        return StepOutput(tokens, started, time.monotonic() - started)
+
+
+def _next_token(last: int, position: int, suppress_eos: bool) -> int:
+    token = 10 + (last * 7919 + position * 31) % 990
+    return EOS if token % 97 == 0 and not suppress_eos else token
