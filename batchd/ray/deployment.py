@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import msgspec
@@ -46,6 +45,9 @@ def deployment_options(config: Config, replicas: int | None = None) -> dict[str,
     """
     ray_cfg = config.ray
     capacity = batch_capacity(config)
+    if 0 < ray_cfg.max_ongoing_requests < 2 * capacity:
+        log.warning("ray.max_ongoing_requests = %d is under 2x the batch capacity (%d): Ray will hold back "
+                    "requests that batchd could batch", ray_cfg.max_ongoing_requests, 2 * capacity)
     options: dict[str, Any] = {
         "name": APP_NAME,
         "max_ongoing_requests": ray_cfg.max_ongoing_requests or 2 * capacity,
@@ -73,7 +75,6 @@ class BatchdReplica:
         self.config = config_from_dict(config)
         self.metrics: RayMetrics | None = None
         self._pusher: asyncio.Task | None = None
-        self._started = time.monotonic()
 
     async def __serve_build_asgi_app__(self):
         self.instance = default_instance_id()

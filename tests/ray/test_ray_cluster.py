@@ -163,3 +163,22 @@ async def test_a_killed_replica_is_replaced_and_no_request_is_lost_or_hangs(clus
     assert len(now) == 2 and victim not in now, (before, now)
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_replica_whose_engine_died_fails_rays_health_check_and_is_replaced(cluster):
+    base, _ = cluster
+    async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+        before = {r.headers["x-batchd-instance"] for r in await _embed_all(base, _texts(32, "alive"))}
+        dying = await client.post("/v1/embeddings", json={"input": "__fatal__"})  # the fake's device dies
+        assert dying.status_code == 503 and dying.json()["error"]["code"] == "engine_dead"
+        dead = dying.headers["x-batchd-instance"]
+        give_up = time.monotonic() + 60
+        while True:  # until Ray's health check (every second here) has replaced it
+            responses = await _embed_all(base, _texts(32, "replaced"))
+            now = {r.headers.get("x-batchd-instance") for r in responses if r.status_code == 200}
+            # meanwhile the dead replica answers a clean 503 engine_dead, never a hang or a 500
+            assert {r.status_code for r in responses} <= {200, 503}
+            if len(now) == 2 and dead not in now or time.monotonic() > give_up:
+                break
+            await asyncio.sleep(0.5)
+    assert dead in before and len(now) == 2 and dead not in now, (before, dead, now)
