@@ -46,6 +46,8 @@ class StopMatcher:
         self.stopped = False
 
     def feed(self, delta: str) -> str:
+        if self.stopped:
+            return ""  # nothing after a stop string is ever sent
         if not self.stops:
             return delta
         text = self._hold + delta
