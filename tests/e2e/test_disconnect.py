@@ -18,7 +18,7 @@ FAKE = ("model.backend=fake", "model.name=fake", "batching.max_batch_size=1", "b
 
 
 def test_cancelled_clients_inputs_never_reach_the_model():
-    with server_process(*FAKE) as (proc, base):
+    with server_process(*FAKE, config=None) as (proc, base):
         async def scenario():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client, \
                     httpx.AsyncClient(base_url=base, timeout=60) as leaver:

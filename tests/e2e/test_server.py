@@ -10,16 +10,9 @@ import pytest
 
 from batchd.backends.embed import EmbedBackend
 from batchd.config import load_config
-from tests.helpers import ROOT, server_process
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    # a generous deadline: this machine may be shared, and this test is about correctness, not deadlines
-    with server_process("model.device=cpu", "server.request_timeout_s=120") as (proc, base):
-        yield base
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +66,11 @@ def test_openai_client_works_against_batchd(server):
 
 
 def test_ops_endpoints(server):
-    assert httpx.get(f"{server}/health").json() == {"status": "ready"}
+    assert httpx.get(f"{server}/health").json() == {
+        "status": "ready", "models": {"all-MiniLM-L6-v2": "ready", "SmolLM2-135M-Instruct": "ready"}}
     models = httpx.get(f"{server}/v1/models").json()
-    assert models["data"][0]["id"] == "all-MiniLM-L6-v2"
+    assert [(m["id"], m["task"]) for m in models["data"]] == [("all-MiniLM-L6-v2", "embed"),
+                                                             ("SmolLM2-135M-Instruct", "generate")]
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("batchd_queue_size", "batchd_batch_size_bucket", "batchd_batch_padded_tokens_total",
                  "batchd_request_queue_duration_seconds_bucket", "batchd_request_inference_duration_seconds_bucket"):

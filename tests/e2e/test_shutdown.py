@@ -20,7 +20,7 @@ FAKE = ("model.backend=fake", "model.name=fake", "batching.max_batch_size=1", "b
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_accepted_work_refuses_new_and_exits_0(sig):
-    with server_process(*FAKE, "model.fake_batch_ms=300", "server.drain_timeout_s=30") as (proc, base):
+    with server_process(*FAKE, "model.fake_batch_ms=300", "server.drain_timeout_s=30", config=None) as (proc, base):
         async def scenario():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
                 accepted = [asyncio.create_task(client.post("/v1/embeddings", json={"input": f"job {i}"}))
@@ -47,7 +47,7 @@ def test_signal_drains_accepted_work_refuses_new_and_exits_0(sig):
 def test_drain_timeout_bounds_shutdown():
     """Accepted work that cannot finish within drain_timeout_s does not keep the process alive: the
     unfinished requests are answered 503 shutting_down (not cut off), and the process exits 0."""
-    with server_process(*FAKE, "model.fake_batch_ms=1500", "server.drain_timeout_s=0.5") as (proc, base):
+    with server_process(*FAKE, "model.fake_batch_ms=1500", "server.drain_timeout_s=0.5", config=None) as (proc, base):
         async def scenario() -> list:
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
                 accepted = [asyncio.create_task(client.post("/v1/embeddings", json={"input": f"job {i}"}))
