@@ -16,8 +16,10 @@ import yaml
 from batchd.testing import ServerProcess
 from tests.ops.deployfiles import ALERTS, PROMETHEUS_DIR
 
-# The server tests/ops runs: small batches and a short queue, so that a burst of requests overflows
-# it (429 queue_full), and a fake model slow enough (20 ms a batch) that inputs queue and wait.
+# The server tests/ops runs: a fake embedding model and a fake generation model side by side. The
+# embedding one has small batches and a short queue, so that a burst of requests overflows it (429
+# queue_full), and is slow enough (20 ms a batch) that inputs queue and wait; the generation one
+# takes 5 ms a step.
 SERVER_CONFIG = """
 [server]
 request_timeout_s = 20
@@ -30,10 +32,20 @@ fake_batch_ms = 20
 [models.batching]
 max_batch_size = 8
 max_queue = 32
+
+[[models]]
+name = "fake-gen"
+backend = "fake"
+task = "generate"
+max_length = 128
+fake_batch_ms = 5
+
+[models.generation]
+max_running_seqs = 8
 """
 MODELS = tomllib.loads(SERVER_CONFIG)["models"]
 EMBED_MODEL = next(m["name"] for m in MODELS if m.get("task", "embed") == "embed")
-SERVES_GENERATION = any(m.get("task") == "generate" or m.get("backend") == "generate" for m in MODELS)
+GENERATE_MODEL = next((m["name"] for m in MODELS if m.get("task") == "generate"), None)
 PROMETHEUS = shutil.which("prometheus")
 
 

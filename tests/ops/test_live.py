@@ -15,7 +15,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.ops.conftest import EMBED_MODEL, SERVES_GENERATION
+from tests.ops.conftest import EMBED_MODEL, GENERATE_MODEL
 from tests.ops.deployfiles import alert_rules, as_bool, dashboard, panel_queries, substitute
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,8 @@ WORDS = "server batch queue latency token model thread vector padding bucket bud
 
 async def _load(url: str) -> Counter:
     """About 300 embedding requests over LOAD_S seconds from 10 clients, with, halfway, a burst past
-    batching.max_queue (429) and one request of each kind of failure. Returns the status counts."""
+    batching.max_queue (429) and one request of each kind of failure; and chats from 4 clients to
+    the generation model if one is served. Returns the status counts."""
     rng = random.Random(7)
     statuses: Counter = Counter()
 
@@ -45,7 +46,17 @@ async def _load(url: str) -> Counter:
                 await post(texts(rng.randint(1, 4)))
                 await asyncio.sleep(0.1)
 
-        workers = [asyncio.create_task(steady(time.monotonic() + LOAD_S)) for _ in range(10)]
+        async def chats(stop: float) -> None:
+            while time.monotonic() < stop:
+                response = await client.post("/v1/chat/completions", json={
+                    "model": GENERATE_MODEL, "messages": [{"role": "user", "content": " ".join(texts(1))}],
+                    "max_tokens": rng.randint(4, 24), "ignore_eos": True})
+                statuses[response.status_code] += 1
+                await asyncio.sleep(0.1)
+
+        stop = time.monotonic() + LOAD_S
+        workers = [asyncio.create_task(steady(stop)) for _ in range(10)]
+        workers += [asyncio.create_task(chats(stop)) for _ in range(4 if GENERATE_MODEL else 0)]
         await asyncio.sleep(LOAD_S / 2)
         await asyncio.gather(*(post(texts(8)) for _ in range(30)))  # 240 inputs at once, the queue holds 32
         await post([])  # 400 invalid_value
@@ -92,7 +103,7 @@ def variables(prometheus, loaded) -> tuple[dict[str, str], dict[str, list[str]]]
 def test_variables_list_the_served_instance_and_model(batchd, variables):
     _, found = variables
     assert found["instance"] == [f"{batchd.host}:{batchd.port}"]
-    assert EMBED_MODEL in found["model"]
+    assert EMBED_MODEL in found["model"] and (GENERATE_MODEL is None or GENERATE_MODEL in found["model"])
 
 
 def test_every_panel_query_runs_and_has_data(prometheus, loaded, variables):
@@ -102,7 +113,7 @@ def test_every_panel_query_runs_and_has_data(prometheus, loaded, variables):
     for query in panel_queries():
         result = prometheus.query(substitute(query.expr, variables[0]), at=loaded)  # fails on a query error
         has_data = any(not math.isnan(float(series["value"][1])) for series in result)
-        if not has_data and (query.row != "Generation" or SERVES_GENERATION):
+        if not has_data and (query.row != "Generation" or GENERATE_MODEL):
             empty.append(f"{query.row} / {query.panel}: {query.expr}")
     assert not empty, "panels without data under load:\n" + "\n".join(empty)
 
