@@ -31,10 +31,13 @@ def _config(**ray: object) -> object:
 
 
 # ---- deployment options ------------------------------------------------------------------------
-def test_the_replica_cap_is_twice_what_the_models_batch_together():
+def test_the_replica_cap_is_batchds_own_queue_bound_and_at_least_two_batches():
     options = deployment_options(_config())
     assert batch_capacity(_config()) == 16 + 48
-    assert options["max_ongoing_requests"] == 2 * 64  # one batch running, the next one forming
+    assert options["max_ongoing_requests"] == (4096 + 2 * 16) + (4096 + 2 * 48)  # queued + in flight
+    small_queue = config_from_dict({"models": [
+        {"name": "e", "backend": "fake", "batching": {"max_batch_size": 64, "max_queue": 10, "max_inflight_batches": 1}}]})
+    assert deployment_options(small_queue)["max_ongoing_requests"] == 2 * 64  # one running, one forming
     assert options["num_replicas"] == 1 and "autoscaling_config" not in options
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
@@ -43,7 +46,7 @@ def test_a_generation_model_counts_its_running_sequences():
     config = config_from_dict({"models": [
         {"name": "g", "backend": "fake", "task": "generate", "generation": {"max_running_seqs": 24}}]})
     assert batch_capacity(config) == 24
-    assert deployment_options(config)["max_ongoing_requests"] == 48
+    assert deployment_options(config)["max_ongoing_requests"] == 1024 + 24
 
 
 def test_explicit_ray_settings_win_and_autoscaling_targets_a_full_batch():
@@ -79,7 +82,7 @@ def test_app_builder_reads_the_config_file_and_overrides(tmp_path):
     options = app._bound_deployment._deployment_config
     assert app._bound_deployment.num_replicas == 2
     assert app._bound_deployment.ray_actor_options["num_cpus"] == 0.25
-    assert options.max_ongoing_requests == 2 * 64
+    assert options.max_ongoing_requests == 4096 + 2 * 64
     assert app_builder({"config": str(path), "replicas": "3"})._bound_deployment.num_replicas == 3
     with pytest.raises(ValueError, match="ray.num_replicas"):
         app_builder({"config": str(path), "set": ["ray.num_replicas=0"]})

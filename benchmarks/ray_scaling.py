@@ -1,0 +1,195 @@
+"""Does batchd scale out on Ray Serve? `python -m benchmarks.ray_scaling` (pip install .[ray]).
+
+The fake backend sleeps like an accelerator (`fake_batch_ms` per batch of up to `max_batch_size`), so
+one replica is model-bound (at most max_batch_size / fake_batch_ms requests/s) while the CPU stays
+free for HTTP. Measured, all on 127.0.0.1, one local Ray cluster started and stopped here:
+
+  1. start-up: the Ray cluster (ray.init), then Serve and 2 replicas until ready (serve.run)
+  2. closed loop at the same concurrency through Ray's proxy with 2 replicas, then with 1
+     (the same deployment scaled down): the 2/1 throughput ratio (target >= 1.7)
+  3. c=1 latency through Ray's proxy (2 replicas) against a plain `batchd serve` of the same config
+     (batchd.testing.ServerProcess): what the proxy adds
+
+Every load point is bounded in seconds and requests (benchmarks.loadgen, its own process). Only what
+is started here is stopped: the plain server by its PID, Ray by serve.shutdown() and ray.shutdown().
+Exit status 1 when the ratio misses the target (--target).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from batchd.config import load_config
+from batchd.testing import ROOT, ServerProcess
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+request_timeout_s = 30
+
+[[models]]
+name = "fake"
+backend = "fake"
+fake_batch_ms = {batch_ms}
+
+[models.batching]
+max_batch_size = {batch_size}
+
+[ray]
+num_cpus = 0.5
+metrics_export_port = {metrics_port}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _load(port: int, bodies: Path, concurrency: int, duration_s: float, warmup_s: float,
+          max_requests: int) -> dict:
+    """One closed-loop point by benchmarks.loadgen in its own process (bounded in time and requests)."""
+    spec = {"host": "127.0.0.1", "port": port, "bodies": str(bodies), "mode": "closed",
+            "concurrency": concurrency, "duration_s": duration_s, "warmup_s": warmup_s,
+            "max_requests": max_requests, "timeout_s": 30.0, "drain_s": 10.0}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", f.name], cwd=ROOT, capture_output=True,
+                              text=True, timeout=duration_s + 60)
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process below this one, with its title (Ray names its actors'
+    processes ray::ProxyActor, ray::ServeReplica:..., so the cost of each part shows)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+        stats[int(stat.parent.name)] = fields
+    out, me = {}, os.getpid()
+    for pid, fields in stats.items():
+        p = pid
+        while p > 1 and p != me:
+            p = parent.get(p, 0)
+        if p == me and pid != me:
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            out[pid] = (title.split()[0] if title else "?", (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _cpu_ms_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU ms per answered request of each kind of process alive through the point (Ray's parts)."""
+    per: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        if pid in before and "loadgen" not in title:
+            name = title.split(":")[0] if title.startswith("ray::ServeReplica") else title
+            per[name] = per.get(name, 0.0) + (cpu - before[pid][1]) * 1e3 / max(requests, 1)
+    return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+def _point(name: str, out: dict, cpu: dict | None = None) -> dict:
+    row = {"point": name, "req_s": round(out["req_s"], 1), "p50_ms": out["p50_ms"] and round(out["p50_ms"], 2),
+           "p99_ms": out["p99_ms"] and round(out["p99_ms"], 2), "ok": out["ok"], "errors": out["errors"]}
+    if cpu:
+        row["cpu_ms_per_request"] = cpu
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _measured(name: str, port: int, bodies: Path, concurrency: int, duration_s: float) -> dict:
+    before = _cpu_by_process()
+    out = _load(port, bodies, concurrency, duration_s, 1.0, 200_000)
+    return _point(name, out, _cpu_ms_per_request(before, _cpu_by_process(), out["ok"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-ms", type=float, default=50.0, help="fake model time per batch")
+    parser.add_argument("--batch-size", type=int, default=8, help="max_batch_size")
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients for the 1 vs 2 points")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load point")
+    parser.add_argument("--target", type=float, default=1.7, help="the 2/1 replica throughput ratio to reach")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from batchd.ray.deployment import APP_NAME, build_app
+    from batchd.ray.proxy import CALLBACK
+    from batchd.ray.run import PROXY_CALLBACK_ENV
+
+    work = Path(tempfile.mkdtemp(prefix="batchd-ray-bench-"))
+    config_path = work / "config.toml"
+    config_path.write_text(CONFIG.format(port=_free_port(), batch_ms=args.batch_ms, batch_size=args.batch_size,
+                                         metrics_port=_free_port()))
+    config = load_config(config_path)
+    bodies = work / "bodies.jsonl"
+    with open(bodies, "w") as f:  # short distinct texts: the fake model's time does not depend on them
+        for i in range(1000):
+            body = json.dumps({"input": f"scaling text {i} " + "word " * (i % 9), "model": "fake"})
+            f.write(json.dumps({"body": body, "texts": 1, "tokens": 4 + i % 9}) + "\n")
+    rows, report = [], {"config": {"fake_batch_ms": args.batch_ms, "max_batch_size": args.batch_size,
+                                   "concurrency": args.concurrency, "duration_s": args.duration}}
+    os.environ.setdefault(PROXY_CALLBACK_ENV, CALLBACK)  # as `batchd ray` runs it
+    began = time.monotonic()
+    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    report["ray_cluster_start_s"] = round(time.monotonic() - began, 2)
+    try:
+        began = time.monotonic()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": config.server.port})
+        serve.run(build_app(config, replicas=2), name=APP_NAME, route_prefix="/")
+        report["deployment_ready_s"] = round(time.monotonic() - began, 2)
+        port = config.server.port
+        _load(port, bodies, args.concurrency, 2.0, 0.0, 2000)  # warm: connections, routers, cost models
+        two = _measured("ray, 2 replicas", port, bodies, args.concurrency, args.duration)
+        c1_ray = _point("ray, 2 replicas, c=1", _load(port, bodies, 1, args.duration / 2, 0.5, 20_000))
+        serve.run(build_app(config, replicas=1), name=APP_NAME, route_prefix="/")  # scale down in place
+        time.sleep(3)  # the stopped replica's ongoing requests have drained; the router knows one replica
+        _load(port, bodies, args.concurrency, 2.0, 0.0, 2000)
+        one = _measured("ray, 1 replica", port, bodies, args.concurrency, args.duration)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    # the plain server once Ray is gone, so that it has the machine to itself as Ray had
+    with ServerProcess.batchd(config=str(config_path), log_level="error") as plain:
+        plain.wait_ready(60)
+        _load(plain.port, bodies, 1, 1.0, 0.0, 200)
+        c1_plain = _point("plain batchd, c=1", _load(plain.port, bodies, 1, args.duration / 2, 0.5, 20_000))
+    rows += [two, c1_ray, one, c1_plain]
+    report["points"] = rows
+    report["ratio_2_vs_1"] = round(two["req_s"] / max(one["req_s"], 1e-9), 2)
+    report["model_bound_req_s_per_replica"] = round(args.batch_size / (args.batch_ms / 1e3), 1)
+    report["proxy_added_p50_ms_at_c1"] = round(c1_ray["p50_ms"] - c1_plain["p50_ms"], 2)
+    print(json.dumps(report, indent=2))
+    ok = report["ratio_2_vs_1"] >= args.target
+    print(f"{'PASS' if ok else 'FAIL'}: 2 replicas = {report['ratio_2_vs_1']}x one replica "
+          f"(target {args.target}x); the proxy adds {report['proxy_added_p50_ms_at_c1']} ms at c=1 (p50); "
+          f"Ray cluster {report['ray_cluster_start_s']} s + deployment {report['deployment_ready_s']} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
