@@ -22,6 +22,11 @@ class Stats:
         self.metrics = metrics or PrometheusMetrics().for_model("model")
         self.metrics.track("batchd_queue_size", queue_size)
         self.metrics.track("batchd_batch_inflight", inflight)
+        # series exist from the start, so rate() sees the first refusal or failure too
+        for outcome in OUTCOMES:
+            self.metrics.inc("batchd_request", 0, label=outcome)
+        for reason in ("queue_full", "deadline_unmeetable"):
+            self.metrics.inc("batchd_request_failure", 0, label=reason)
         self.started = time.monotonic()
         self.reset()
 

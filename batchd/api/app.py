@@ -68,8 +68,11 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
     return app
 
 
+_NOT_COUNTED = {"/health", "/metrics"}  # probes and scrapes: a loading server's 503s are not errors
+
+
 class ResponseCounter:
-    """batchd_http_responses_total{model,status}: every answer, refusals included, by status code.
+    """batchd_http_responses_total{model,status}: every API answer, refusals included, by status code.
     A route that resolved its model puts the name in request.state.model."""
 
     def __init__(self, app: ASGIApp, served: ServedModels) -> None:
@@ -77,7 +80,7 @@ class ResponseCounter:
         self.served = served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in _NOT_COUNTED:
             await self.app(scope, receive, send)
             return
 
