@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one config key; may be repeated")
     serve.add_argument("--bind", default=None, help="hypercorn bind (host:port, unix:PATH or fd://N); "
                        "overrides server.host/port")
+    serve.add_argument("--model", dest="models", action="append", default=[], metavar="NAME",
+                       help="serve only this model of the config (may be repeated; default: all)")
     serve.add_argument("--log-level", default="info")
     prepare = sub.add_parser("prepare", help="convert the configured GGUF models once (set-up; serving then loads in seconds)")
     prepare.add_argument("--config", default=None, help="path of config.toml (defaults when omitted)")
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "models", None):
+        try:
+            config = config.only(args.models)
+        except ConfigError as exc:
+            print(f"batchd: {exc}", file=sys.stderr)
+            return 2
     if args.command == "prepare":
         from .backends.model_files import resolve_model_path
 

@@ -159,6 +159,13 @@ class Config(_Section):
         names = [m.name for m in self.models]
         _check(len(set(names)) == len(names), f"models: names must be unique, got {names}")
 
+    def only(self, names: list[str]) -> "Config":
+        """This config serving only the named models (`batchd serve --model NAME`)."""
+        unknown = sorted(set(names) - {m.name for m in self.models})
+        if unknown:
+            raise ConfigError(f"--model {unknown[0]!r}: not in the config (models: {[m.name for m in self.models]})")
+        return msgspec.structs.replace(self, models=[m for m in self.models if m.name in names])
+
     @property
     def model(self) -> ModelConfig:
         """The first model (the only one in a single-model config, the old `[model]` section)."""

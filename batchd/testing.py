@@ -44,12 +44,15 @@ class ServerProcess:
 
     @classmethod
     def batchd(cls, overrides: Sequence[str] = (), config: str | None = "config.toml", name: str = "batchd",
-               log_level: str = "warning", **kwargs) -> "ServerProcess":
-        """`python -m batchd serve`; `overrides` are `section.key=value` strings."""
+               log_level: str = "warning", models: Sequence[str] = (), **kwargs) -> "ServerProcess":
+        """`python -m batchd serve`; `overrides` are `section.key=value` strings; `models` serves
+        only those models of the config."""
         def argv(fd: int) -> list[str]:
             cmd = [sys.executable, "-m", "batchd", "serve", "--bind", f"fd://{fd}", "--log-level", log_level]
             if config:
                 cmd += ["--config", str(ROOT / config)]
+            for model in models:
+                cmd += ["--model", model]
             for item in overrides:
                 cmd += ["--set", item]
             return cmd

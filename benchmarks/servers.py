@@ -34,8 +34,12 @@ def running(*starting: ServerProcess) -> Iterator[list[ServerProcess]]:
 
 def batchd(overrides: list[str], config: str = "config.toml", cpus: list[int] | None = None,
            name: str = "batchd") -> ServerProcess:
-    """A batchd server; `overrides` are `section.key=value` strings."""
-    return ServerProcess.batchd(overrides, config=config, name=name, log_level="error", cpus=cpus)
+    """A batchd server for the embedding benchmark: the config's first model only (a generation
+    model beside it would load and hold memory for nothing); `overrides` are `section.key=value`."""
+    from batchd.config import load_config
+
+    first = load_config(ROOT / config).model.name
+    return ServerProcess.batchd(overrides, config=config, name=name, log_level="error", cpus=cpus, models=[first])
 
 
 def bare(cpus: list[int] | None = None) -> ServerProcess:
