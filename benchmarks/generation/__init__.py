@@ -1,0 +1,1 @@
+"""Generation benchmark: see README.md in this folder (`python -m benchmarks.generation --help`)."""
