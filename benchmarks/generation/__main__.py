@@ -14,37 +14,51 @@ def selftest(n: int = 16) -> int:
 
     from batchd.testing import ServerProcess
 
+    from ..harness import _busy_s
     from . import metrics, workload
     from .client import run as client_run
 
     reqs = workload.build(n)
     spec_reqs = [{"i": r.i, "body": r.body(), "max_tokens": r.max_tokens} for r in reqs]
-    failures = []
+    failures: list[str] = []
+    noisy: list[str] = []
     for ttft, itl in ((50, 20), (0, 0)):
         fake = ServerProcess("fake-sse", lambda fd, ttft=ttft, itl=itl: [
             sys.executable, "-m", "benchmarks.generation.fakeserver", str(fd), str(ttft), str(itl)])
         try:
             fake.wait_ready(60)
             for arrivals in (None, metrics.poisson_arrivals(n, 4.0, 1, 60)) if ttft else (None,):
+                busy0, t = _busy_s(), time.monotonic()
                 out = asyncio.run(client_run({"url": fake.url, "requests": spec_reqs, "arrivals": arrivals,
                                               "max_s": 60, "drain_s": 30}))
+                # cores busy on the whole machine; client + canned server use ~0.2-0.4 of one at 50/20 ms
+                machine = (_busy_s() - busy0) / (time.monotonic() - t)
                 s = metrics.summarise(out["records"])
                 mode = "closed" if arrivals is None else "open 4/s"
                 print(f"fake {ttft}/{itl} ms, {mode}: {s['ok']}/{s['requests']} ok, {s['tokens']} tokens, "
                       f"{s['tokens_s']:.0f} tok/s, TTFT p50/p99 {s['ttft_p50_ms']:.1f}/{s['ttft_p99_ms']:.1f} ms, "
-                      f"ITL p50/p99 {s['itl_p50_ms']:.1f}/{s['itl_p99_ms']:.1f} ms, client cpu {out['client_cpu']}")
+                      f"ITL p50/p99 {s['itl_p50_ms']:.1f}/{s['itl_p99_ms']:.1f} ms, client cpu {out['client_cpu']}, "
+                      f"machine cpu {machine:.2f}")
                 bad = [r for r in out["records"] if r.get("error") or r.get("contract") or r["tokens"] !=
                        reqs[r["i"]].max_tokens or r["content_chunks"] != r["tokens"]]
                 if bad:
                     failures.append(f"{mode}: {bad[0]}")
+                timing = []
                 if ttft and not (ttft - 5 <= s["ttft_p50_ms"] <= ttft + 60 and itl - 5 <= s["itl_p50_ms"] <= itl + 15):
-                    failures.append(f"{mode}: timing off: {s}")
+                    timing.append(f"{mode}: timing off: TTFT p50 {s['ttft_p50_ms']:.0f} ms (paced {ttft}), "
+                                  f"ITL p50 {s['itl_p50_ms']:.1f} ms (paced {itl})")
                 if arrivals is not None:
                     late = max(r["sent"] - r["arrival"] for r in out["records"])
                     if late > 0.05:
-                        failures.append(f"open loop sent a request {late * 1e3:.0f} ms after its arrival time")
+                        timing.append(f"{mode}: a request was sent {late * 1e3:.0f} ms after its arrival time")
+                if machine > 1.2 and timing:  # other jobs starve the client's event loop: not the client's fault
+                    noisy += [f"{t} (not judged: the machine was busy, {machine:.2f} cores)" for t in timing]
+                else:
+                    failures += timing
         finally:
             fake.close()
+    for line in noisy:
+        print(f"note: {line}")
     print("selftest " + ("FAILED:\n  " + "\n  ".join(failures) if failures else "passed"))
     return 1 if failures else 0
 
