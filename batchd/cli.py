@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -63,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
             print("batchd ray: --replicas must be >= 1", file=sys.stderr)
             return 2
         return run_on_ray(config, args.replicas, args.address)
-    from .server import serve_forever  # heavy imports only once the config is known good
+    from .server import run  # heavy imports only once the config is known good
 
-    asyncio.run(serve_forever(config, args.bind))
-    return 0
+    return run(config, args.bind)

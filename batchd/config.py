@@ -31,9 +31,11 @@ class ServerConfig(_Section):
     drain_timeout_s: float = 20.0
     api_key: str = ""  # empty: no auth; BATCHD_API_KEY in the environment overrides
     log_inputs: bool = False
+    workers: int = 1  # front-end processes (HTTP, validation, tokenizing); >1 adds one engine process
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port must be within 0..65535")
+        _check(1 <= self.workers <= 256, "server.workers must be within 1..256")
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024")
         _check(self.request_timeout_s > 0, "server.request_timeout_s must be > 0")
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")

@@ -1,4 +1,7 @@
-"""Run the app on Hypercorn; SIGTERM/SIGINT drain accepted work, then exit."""
+"""Run the app on Hypercorn; SIGTERM/SIGINT drain accepted work, then exit.
+
+`server.workers = 1` (the default): one process, the engines in it, no IPC. `server.workers = N > 1`:
+a supervisor with N front-end processes and one engine process (batchd/frontend)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +17,39 @@ from .config import Config
 log = logging.getLogger("batchd.server")
 
 
-async def serve_forever(config: Config, bind: str | None = None) -> None:
-    app = create_app(config)
-    engines = app.state.models.engines
+def run(config: Config, bind: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status (0 after a drain)."""
+    if config.server.workers > 1:
+        from .frontend.supervisor import supervise
+        return supervise(config, bind or f"{config.server.host}:{config.server.port}")
+    run_loop(serve_forever(config, bind))
+    return 0
+
+
+def run_loop(main) -> None:
+    """asyncio.run on uvloop when it is installed (cheaper per request than the default loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [bind or f"{config.server.host}:{config.server.port}"]
-    hc.workers = 1  # one process: the engines (queues, schedulers, model threads) live here
+    hc.bind = [bind]
+    hc.workers = 1  # one process per app: the supervisor (batchd/frontend) makes more
     hc.graceful_timeout = config.server.drain_timeout_s
     hc.keep_alive_timeout = 75
     hc.accesslog = None
+    return hc
+
+
+async def serve_forever(config: Config, bind: str | None = None) -> None:
+    app = create_app(config)
+    engines = app.state.models.engines
+    hc = hypercorn_config(config, bind or f"{config.server.host}:{config.server.port}")
     stop = asyncio.Event()
 
     async def drain_then_stop() -> None:

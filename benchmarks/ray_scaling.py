@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from batchd.ray.deployment import APP_NAME, build_app
-    from batchd.ray.proxy import CALLBACK
-    from batchd.ray.run import PROXY_CALLBACK_ENV
+    from batchd.ray.proxy import CLUSTER_ENV
 
     work = Path(tempfile.mkdtemp(prefix="batchd-ray-bench-"))
     config_path = work / "config.toml"
@@ -153,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"body": body, "texts": 1, "tokens": 4 + i % 9}) + "\n")
     rows, report = [], {"config": {"fake_batch_ms": args.batch_ms, "max_batch_size": args.batch_size,
                                    "concurrency": args.concurrency, "duration_s": args.duration}}
-    os.environ.setdefault(PROXY_CALLBACK_ENV, CALLBACK)  # as `batchd ray` runs it
+    for key, value in CLUSTER_ENV.items():  # as `batchd ray` starts its cluster
+        os.environ.setdefault(key, value)
     began = time.monotonic()
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     report["ray_cluster_start_s"] = round(time.monotonic() - began, 2)

@@ -21,27 +21,24 @@ from .models import ServedModels
 
 
 def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None, metrics=None,
-               instance: str | None = None) -> Starlette:
+               instance: str | None = None, remote=None) -> Starlette:
     """One engine per configured model (or the given ones). The engines start loading at startup in
     the background, so /health answers 503 meanwhile. `metrics` is the exporter the engines record
     into (Prometheus by default; batchd/ray passes Ray's); `instance` names this process in the
-    x-batchd-instance header of every response."""
-    if isinstance(engines, Engine):
-        engines = [engines]
-    if engines is None:
-        metrics = metrics or PrometheusMetrics()
-        engines = [make_engine(config, model, metrics.for_model(model.name)) for model in config.models]
-    served = ServedModels(list(engines))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loading = [asyncio.create_task(engine.start()) for engine in served.engines]
-        try:
-            yield
-        finally:
-            for task in loading:
-                task.cancel()
-            await asyncio.gather(*(engine.close() for engine in served.engines))
+    x-batchd-instance header of every response. `remote` (a batchd.frontend EngineClient) makes
+    this app a front end of `server.workers > 1`: its engines live in the engine process."""
+    if remote is not None:
+        from ..frontend.client import RemoteServed
+        served: ServedModels = RemoteServed(remote)
+        lifespan = _front_end_lifespan(remote)
+    else:
+        if isinstance(engines, Engine):
+            engines = [engines]
+        if engines is None:
+            metrics = metrics or PrometheusMetrics()
+            engines = [make_engine(config, model, metrics.for_model(model.name)) for model in config.models]
+        served = ServedModels(list(engines))
+        lifespan = _engines_lifespan(served)
 
     app = Starlette(
         routes=[
@@ -66,6 +63,30 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
     app.add_middleware(ResponseCounter, served=served)
     app.add_middleware(InstanceHeader, instance_id=instance or default_instance_id())
     return app
+
+
+def _engines_lifespan(served: ServedModels):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loading = [asyncio.create_task(engine.start()) for engine in served.engines]
+        try:
+            yield
+        finally:
+            for task in loading:
+                task.cancel()
+            await asyncio.gather(*(engine.close() for engine in served.engines))
+    return lifespan
+
+
+def _front_end_lifespan(client):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await client.connect()  # serve only once the engines' states are known
+        try:
+            yield
+        finally:
+            client.close()
+    return lifespan
 
 
 _NOT_COUNTED = {"/health", "/metrics"}  # probes and scrapes: a loading server's 503s are not errors

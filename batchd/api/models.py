@@ -1,6 +1,9 @@
 """The served models: which engine answers a request, by its `model` field and the route's task."""
 from __future__ import annotations
 
+import orjson
+from prometheus_client import generate_latest
+
 from ..engine import Engine
 from ..errors import InvalidRequest, ModelNotFound
 from ..metrics import PrometheusMetrics
@@ -49,6 +52,27 @@ class ServedModels:
             exporter = getattr(self.engines[0].metrics, "exporter", None) or PrometheusMetrics()
             self._unnamed_metrics = exporter.for_model("")
         return self._unnamed_metrics
+
+    # ---- the operations routes' data (a front end of `server.workers > 1` asks the engine process) --
+    def stats_json(self) -> bytes:
+        """/stats: the first model's figures at the top level (as before several models), every
+        model's under "models"."""
+        snaps = {e.name: e.snapshot() for e in self.engines}
+        first = next(iter(snaps.values()))
+        return orjson.dumps({**first, "models": snaps}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def reset_all(self) -> None:
+        for engine in self.engines:
+            engine.stats.reset()
+
+    async def stats_body(self) -> bytes:
+        return self.stats_json()
+
+    async def reset_stats(self) -> None:
+        self.reset_all()
+
+    async def metrics_body(self, registry) -> bytes:
+        return generate_latest(registry)
 
     def registry(self):
         """The Prometheus registry the engines record into."""

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import msgspec
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -153,20 +153,15 @@ async def health(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    """The first model's figures at the top level (as before several models), every model's under
-    "models"."""
     check_api_key(request)
-    snaps = {e.name: e.snapshot() for e in served(request).engines}
-    first = next(iter(snaps.values()))
-    return json_response({**first, "models": snaps})
+    return Response(await served(request).stats_body(), media_type="application/json")
 
 
 async def stats_reset(request: Request) -> Response:
     check_api_key(request)
-    for engine in served(request).engines:
-        engine.stats.reset()
+    await served(request).reset_stats()
     return json_response({"reset": True})
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await served(request).metrics_body(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

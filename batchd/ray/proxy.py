@@ -7,9 +7,9 @@ requests can be replayed safely: an embedding (or a non-streamed completion) has
 an attempt that never started a response gave the client nothing. A response once started is never
 retried.
 
-Ray loads it into every proxy from the environment the cluster was started with:
-    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=batchd.ray.proxy:middlewares
-(`batchd ray` sets it on the clusters it starts.) Imports nothing heavy: it runs in Ray's proxy.
+Ray configures its proxies from the environment the cluster was started with (CLUSTER_ENV below;
+`batchd ray` sets it on the clusters it starts, `ray start` needs it given). Imports nothing heavy:
+this module runs in Ray's proxy.
 """
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CALLBACK = "batchd.ray.proxy:middlewares"
+CLUSTER_ENV = {
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,  # Ray's proxies load middlewares() below
+    # Ray's proxy sends a request to a replica on its own node (then zone) while that one accepts it.
+    # A batchd replica accepts up to its queue bound, so with one proxy (proxy_location HeadOnly)
+    # the other nodes' replicas would idle; without the preference the proxy sends each request to
+    # the less busy of two replicas, wherever they run.
+    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+    "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0",
+}
 ATTEMPTS = 3  # the first try and two more: a dead replica is dropped from routing at once
 MAX_REPLAY_BYTES = 8 << 20  # larger bodies are streamed through once, never buffered for a retry
 

@@ -18,10 +18,9 @@ from ray import serve
 
 from ..config import Config
 from .deployment import APP_NAME, build_app, deployment_options
-from .proxy import CALLBACK
+from .proxy import CLUSTER_ENV
 
 log = logging.getLogger("batchd.ray")
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 SERVE_NAMESPACE = "serve"
 SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 
@@ -29,9 +28,10 @@ SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 def run(config: Config, replicas: int | None = None, address: str | None = None) -> int:
     began = time.monotonic()
     if address is None:
-        # Ray's proxies read this from the environment the cluster starts with, which is ours here
-        # (on a cluster started elsewhere, `ray start` must be given it: see README).
-        os.environ.setdefault(PROXY_CALLBACK_ENV, CALLBACK)
+        # Ray's proxies read these from the environment the cluster starts with, which is ours here
+        # (on a cluster started elsewhere, `ray start` must be given them: see README).
+        for key, value in CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(include_dashboard=False, _metrics_export_port=config.ray.metrics_export_port or None)
     else:
         ray.init(address=address)

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--url", default=None, help="use an already running batchd (e.g. http://127.0.0.1:8000)")
         q.add_argument("--config", default=d.config, help="batchd config (relative to the repo)")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="batchd config override (model.dtype follows --dtype unless set here)")
+                       help="batchd config override, e.g. models.SmolLM2-135M-Instruct.KEY=VALUE "
+                            "(its dtype follows --dtype unless set here)")
         q.add_argument("--model-id", default=d.model_id)
         q.add_argument("--static-size", type=int, default=d.static_size)
         q.add_argument("--max-seqs", type=int, default=d.max_seqs, help="manager: max_requests_per_batch")

@@ -202,11 +202,14 @@ class GenRun:
     def start_batchd(self):
         from batchd.testing import ServerProcess
 
+        # serve only the generation model of the config ([[models]] entry named model_id), in the run's dtype
         overrides = list(self.opt.overrides)
-        if not any(o.startswith("model.dtype=") for o in overrides):
-            overrides.append(f"model.dtype={self.opt.dtype}")
-        self.log(f"starting batchd --config {self.opt.config} " + " ".join(f"--set {o}" for o in overrides))
-        server = ServerProcess.batchd(overrides, config=self.opt.config, log_level="error")
+        if not any(o.split("=")[0].endswith(".dtype") for o in overrides):
+            overrides.append(f"models.{self.opt.model_id}.dtype={self.opt.dtype}")
+        self.log(f"starting batchd --config {self.opt.config} --model {self.opt.model_id} "
+                 + " ".join(f"--set {o}" for o in overrides))
+        server = ServerProcess.batchd(overrides, config=self.opt.config, log_level="error",
+                                      models=[self.opt.model_id])
         try:
             server.wait_ready(180)
         except RuntimeError as exc:

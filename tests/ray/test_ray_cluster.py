@@ -22,8 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from batchd.config import config_from_dict  # noqa: E402
 from batchd.metrics import SPEC_BY_NAME  # noqa: E402
 from batchd.ray.deployment import APP_NAME, build_app  # noqa: E402
-from batchd.ray.proxy import CALLBACK  # noqa: E402
-from batchd.ray.run import PROXY_CALLBACK_ENV  # noqa: E402
+from batchd.ray.proxy import CLUSTER_ENV  # noqa: E402
 from tests.helpers import app_client  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
@@ -49,7 +48,8 @@ def cluster():
     metrics_ports = [_free_port(), _free_port()]
     began = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(PROXY_CALLBACK_ENV, CALLBACK)  # the nodes' processes (Ray's proxy) inherit it
+        for key, value in CLUSTER_ENV.items():  # the nodes' processes (Ray's proxy) inherit these
+            mp.setenv(key, value)
         nodes = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "metrics_export_port": metrics_ports[0],
             "_system_config": {"metrics_report_interval_ms": 1000}})  # export replicas' metrics within ~1 s
