@@ -10,7 +10,7 @@ import time
 
 from .backends import Backend, make_backend
 from .config import Config, ModelConfig, ServerConfig
-from .errors import BatchdError, EngineDead, NotReady, ShuttingDown
+from .errors import BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, ShuttingDown
 from .metrics import ModelMetrics, PrometheusMetrics, state_reading
 from .scheduler import StepLoop, Task
 from .worker import ModelWorker
@@ -132,6 +132,16 @@ class Engine:
     def snapshot(self) -> dict:
         """/stats for this model."""
         return {"model": self.name, "task": self.kind, "state": self.state, **self.stats.snapshot()}
+
+
+def ending_of(exc: BaseException) -> tuple[str, str | None]:
+    """(outcome, failure reason) of an accepted request that ended with `exc`: every task counts its
+    requests the same way (accepted = completed + failed + cancelled + timed_out)."""
+    if isinstance(exc, DeadlineExceeded):
+        return "timed_out", None
+    if isinstance(exc, (ClientDisconnected, asyncio.CancelledError, GeneratorExit)):
+        return "cancelled", None
+    return "failed", exc.code if isinstance(exc, BatchdError) else None
 
 
 def make_engine(config: Config, model: ModelConfig | None = None, metrics: ModelMetrics | None = None,

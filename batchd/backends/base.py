@@ -12,7 +12,21 @@ from typing import Sequence
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import InvalidRequest
+from ..errors import FatalBackendError, InvalidRequest
+
+
+def pick_device(cfg: ModelConfig):
+    """The torch device `model.device` names ("auto": CUDA when there is one). Model thread."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise FatalBackendError("model.device is 'cuda' but no CUDA device is available")
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return torch.device(device)
 
 
 class Backend(ABC):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import FatalBackendError
-from .base import Backend
+from .base import Backend, pick_device
 from .model_files import resolve_model_path  # noqa: F401  (re-exported: tests and benchmarks import it here)
 
 # A token covers at most this many characters in practice; longer texts are cut (at a space)
@@ -83,14 +83,7 @@ class EmbedBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if self.cfg.torch_threads:
-            torch.set_num_threads(self.cfg.torch_threads)
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise FatalBackendError("model.device is 'cuda' but no CUDA device is available")
-        self.device = torch.device(device)
+        self.device = pick_device(self.cfg)
         dtype = getattr(torch, self.cfg.dtype)
         self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
         # Warm up on the longest bucket so the first request does not pay for allocator growth.

@@ -26,7 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import FatalBackendError, InvalidRequest
+from ..errors import InvalidRequest
+from .base import pick_device
 from .model_files import resolve_model_path
 
 
@@ -114,14 +115,7 @@ class GenerateBackend:
     def load(self) -> None:
         import torch
 
-        if self.cfg.torch_threads:
-            torch.set_num_threads(self.cfg.torch_threads)
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise FatalBackendError("model.device is 'cuda' but no CUDA device is available")
-        self.device = torch.device(device)
+        self.device = pick_device(self.cfg)
         dtype = getattr(torch, self.cfg.dtype)
         if self.model is None:
             from transformers import AutoModelForCausalLM

@@ -3,6 +3,7 @@ in its length lane, and answers when every input is back, the deadline passes or
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Sequence
@@ -12,7 +13,7 @@ import numpy as np
 from .. import calibrate
 from ..backends import Backend
 from ..config import ModelConfig, ServerConfig
-from ..engine import Engine
+from ..engine import Engine, ending_of
 from ..errors import BatchdError, ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
 from ..metrics import ModelMetrics
 from ..policy import PolicyParams, bucket_of
@@ -20,6 +21,8 @@ from ..queue import RequestQueue
 from ..stats import Stats
 from ..types import ItemResult, Pending
 from .batcher import EmbedBatcher
+
+log = logging.getLogger("batchd.embed")
 
 
 class EmbedEngine(Engine):
@@ -133,17 +136,8 @@ class EmbedEngine(Engine):
             await waiter.future
             outcome = "completed"
             return [item.future.result() for item in items]
-        except DeadlineExceeded:
-            outcome = "timed_out"
-            raise
-        except ClientDisconnected:
-            outcome = "cancelled"
-            raise
-        except BatchdError as exc:
-            reason = exc.code
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+        except BaseException as exc:
+            outcome, reason = ending_of(exc)
             raise
         finally:
             waiter.close()

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..backends.generate import GenerateBackend, Sampling, StepOutput, ThreadStep
 from ..config import ModelConfig, ServerConfig
-from ..engine import Engine
+from ..engine import Engine, ending_of
 from ..errors import (BatchdError, ClientDisconnected, DeadlineExceeded, FatalBackendError,
                       InferenceFailed, InvalidRequest, Overloaded, ShuttingDown)
 from ..metrics import ModelMetrics
@@ -325,18 +325,9 @@ class GenerateEngine(Engine):
                 yield text, finish
                 if finish is not None:
                     return
-        except DeadlineExceeded:
-            outcome = "timed_out"
-            raise
-        except ClientDisconnected:
-            outcome = "cancelled"
-            raise
-        except BatchdError as exc:
-            reason = exc.code
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            if outcome != "completed":
-                outcome = "cancelled"
+        except BaseException as exc:
+            if outcome != "completed":  # a reader closing us at the last chunk is not a cancellation
+                outcome, reason = ending_of(exc)
             raise
         finally:
             for future in ending:
