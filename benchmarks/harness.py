@@ -49,11 +49,24 @@ def _busy_s() -> float:
 
 
 def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (`server.workers > 1`: the supervisor's
+    front ends and engine process)."""
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / _TICK  # utime + stime, all threads
+        total = (int(f[11]) + int(f[12])) / _TICK  # utime + stime, all threads
     except (OSError, IndexError):
         return 0.0
+    return total + sum(_proc_cpu_s(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    except OSError:
+        pass
+    return out
 
 
 class CpuMeter:
