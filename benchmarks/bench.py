@@ -8,6 +8,8 @@ Order (each step bounded in requests and time):
   5. no-batching server: the same app with batching.max_batch_size=1
   6. scheduler overhead: batchd with the 0-ms fake backend vs a bare Starlette+Hypercorn route
   7. bfloat16: batchd with model.dtype=bfloat16 vs its own bf16 offline ceiling
+  8. front end (benchmarks/frontend.py): fake accelerator bare / workers=1 / workers=2, real model
+     workers=1 and 2, CPU per request by part
 """
 from __future__ import annotations
 
@@ -258,6 +260,15 @@ def run_bench(profile_name: str = "quick", config: str = "config.toml", override
                       "vs_ceiling": recs[1]["vs_ceiling"]})
     finally:
         ceil.close()
+
+    # 8. the front end past one core (issue 11): fake accelerator bare / workers=1 / workers=2 at c=256,
+    #    the real model with workers=1 and 2 (c=128, and c=1024 with 2), CPU per request by part
+    from . import frontend
+    frontend.fake_accelerator(run, real_bodies, p.overhead_s, p.overhead_rounds)
+    for backend, real_tok in (("fake", False), ("real", True)):
+        parts = frontend.cpu_parts(real.texts[:500], config, real=real_tok)
+        run.emit({"kind": "frontend_cpu_parts", "backend": backend, **parts})
+    frontend.real_model(run, real_bodies, config, p.duration_s)
 
     summarise(run)
     return run
