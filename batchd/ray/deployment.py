@@ -19,6 +19,7 @@ from ..api.app import create_app
 from ..api.instance import default_instance_id
 from ..config import Config, ConfigError, config_from_dict, load_config
 from .metrics import RayMetrics
+from .proxy import BodyFromScope
 
 log = logging.getLogger("batchd.ray")
 
@@ -95,6 +96,7 @@ class BatchdReplica:
         self._pusher = asyncio.create_task(self.metrics.run(), name="batchd-ray-metrics")
         self.batchd_app = create_app(self.config, metrics=self.metrics, instance=self.instance)
         self.batchd_app.state.stats_scope = STATS_SCOPE
+        self.batchd_app.add_middleware(BodyFromScope)  # outermost: the body from Ray's proxy, at once
         return self.batchd_app
 
     async def check_health(self) -> None:

@@ -4,8 +4,14 @@ again (Ray routes it to a live replica), or answered with a clean 503.
 Without it, a client whose replica is killed mid-request gets a bare 500 "Internal Server Error"
 from the proxy's HTTP server: Ray's proxy sends nothing when the replica actor dies. batchd's
 requests can be replayed safely: an embedding (or a non-streamed completion) has no side effect, and
-an attempt that never started a response gave the client nothing. A response once started is never
-retried.
+an attempt that sent no response body gave the client nothing. A response whose body has begun is
+never retried.
+
+The buffered body also travels to the replica inside the request's scope (BODY_KEY), where
+BodyFromScope hands it to batchd: the replica then never calls back into the proxy for the body.
+That saves a round trip per request, and it closes a gap in Ray: a request that Ray re-routes after
+its first replica died, when that replica had already fetched the body from the proxy, would wait
+for a body that never comes.
 
 Ray configures its proxies from the environment the cluster was started with (CLUSTER_ENV below;
 `batchd ray` sets it on the clusters it starts, `ray start` needs it given). Imports nothing heavy:
@@ -31,6 +37,7 @@ CLUSTER_ENV = {
 }
 ATTEMPTS = 3  # the first try and two more: a dead replica is dropped from routing at once
 MAX_REPLAY_BYTES = 8 << 20  # larger bodies are streamed through once, never buffered for a retry
+BODY_KEY = "batchd.body"  # the buffered request body, in the ASGI scope Ray sends to the replica
 
 
 def middlewares() -> list[Middleware]:
@@ -52,12 +59,20 @@ class RetryLostReplica:
         if not complete:  # too big to keep a copy: one attempt, the rest streamed from the client
             await self.app(scope, _replay(body, receive), send)
             return
-        started = False
+        held: Message | None = None  # the response's start, sent only once its body comes too
+        committed = False  # the client has been sent something: no retry from here on
         disconnected = False
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def holding_send(message: Message) -> None:
+            # Ray streams a response's start and body from the replica as separate messages: a
+            # replica that dies between the two must not leave the client with headers and no body.
+            nonlocal held, committed
+            if message["type"] == "http.response.start":
+                held = message
+                return
+            if held is not None:
+                await send(held)
+                held, committed = None, True
             await send(message)
 
         async def tracking_receive() -> Message:
@@ -66,13 +81,42 @@ class RetryLostReplica:
             disconnected = disconnected or message["type"] == "http.disconnect"
             return message
 
+        whole = b"".join(m.get("body", b"") for m in body if m["type"] == "http.request")
         for attempt in range(self.attempts):
+            held = None
             # a fresh scope each time: the proxy keys its per-request state by what it puts there
-            await self.app(dict(scope), _replay(body, tracking_receive), tracking_send)
-            if started or disconnected:
+            await self.app({**scope, BODY_KEY: whole}, _replay(body, tracking_receive), holding_send)
+            if committed or disconnected:
                 return
             await asyncio.sleep(self.backoff_s * (attempt + 1))
         await _send_unavailable(send)
+
+
+class BodyFromScope:
+    """Replica side: the body RetryLostReplica put in the scope is the request's body; what the
+    client sends later (http.disconnect) still comes through Ray's receive."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = scope.get(BODY_KEY) if scope["type"] == "http" else None
+        if body is None:
+            await self.app(scope, receive, send)
+            return
+        given = False
+
+        async def receive_from_scope() -> Message:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            while True:  # Ray's receive repeats the body it holds: it was handed over already
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+
+        await self.app(scope, receive_from_scope, send)
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:

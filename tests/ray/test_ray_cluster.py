@@ -57,7 +57,8 @@ def cluster():
     try:
         ray.init(address=nodes.address)
         port = _free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port,
+                                                             "request_timeout_s": 25})  # as `batchd ray`
         serve.run(build_app(config_from_dict(CONFIG)), name=APP_NAME, route_prefix="/")
         print(f"two-node Ray cluster and 2 replicas ready in {time.monotonic() - began:.1f} s")
         yield f"http://127.0.0.1:{port}", [f"http://127.0.0.1:{p}/metrics" for p in metrics_ports]

@@ -15,7 +15,7 @@ from batchd.config import ConfigError, config_from_dict  # noqa: E402
 from batchd.metrics import SPECS  # noqa: E402
 from batchd.ray.deployment import app_builder, batch_capacity, deployment_options  # noqa: E402
 from batchd.ray.metrics import RayMetrics  # noqa: E402
-from batchd.ray.proxy import RetryLostReplica  # noqa: E402
+from batchd.ray.proxy import BODY_KEY, BodyFromScope, RetryLostReplica  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
@@ -97,8 +97,10 @@ class FlakyApp:
         self.lost = lost
         self.answer_500 = answer_500
         self.bodies: list[bytes] = []
+        self.scope_bodies: list[bytes] = []
 
     async def __call__(self, scope, receive, send):
+        self.scope_bodies.append(scope[BODY_KEY])
         body = b""
         while True:
             message = await receive()
@@ -128,6 +130,7 @@ async def test_a_request_whose_replica_died_is_sent_again_with_its_whole_body():
     assert response.status_code == 200 and response.content == body
     assert response.headers["x-attempt"] == "3"
     assert inner.bodies == [body, body, body]
+    assert inner.scope_bodies == [body, body, body]  # and in the scope, for the replica to take
 
 
 async def test_when_every_attempt_is_lost_the_client_gets_a_clean_503():
@@ -203,3 +206,37 @@ async def test_a_client_that_went_away_is_not_retried_nor_answered():
 
     await RetryLostReplica(proxy, backoff_s=0)({"type": "http", "method": "POST", "headers": []}, receive, send)
     assert calls == [b"{}"] and sent == []
+
+
+async def test_a_replica_that_dies_between_headers_and_body_is_retried_not_cut():
+    calls = []
+
+    async def proxy(scope, receive, send):
+        await receive()
+        calls.append(1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if len(calls) == 1:
+            return  # the replica died after its headers: Ray's proxy sends nothing more
+        await send({"type": "http.response.body", "body": b"whole"})
+
+    response = await _post(RetryLostReplica(proxy, backoff_s=0), b"{}")
+    assert response.status_code == 200 and response.content == b"whole" and len(calls) == 2
+
+
+async def test_the_replica_takes_the_body_from_the_scope_and_later_messages_from_ray():
+    got, asked = [], []
+
+    async def app(scope, receive, send):
+        got.append(await receive())
+        got.append(await receive())
+
+    from_ray = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def ray_receive():
+        asked.append(1)
+        return from_ray.pop(0)
+
+    await BodyFromScope(app)({"type": "http", BODY_KEY: b'{"input": "x"}'}, ray_receive, None)
+    assert got == [{"type": "http.request", "body": b'{"input": "x"}', "more_body": False},
+                   {"type": "http.disconnect"}]  # Ray's copy of the body is skipped
+    assert len(asked) == 2
