@@ -66,6 +66,8 @@ def write_summary(run, records: list[dict]) -> str:
     lines.append("\n| ratio | loop | metric | value | a | b | foreign cpu (max) |")
     lines.append("|---|---|---|---|---|---|---|")
     for x in rs:
+        if x["value"] is None:  # a system this run did not measure
+            continue
         fmt = (lambda v: _f(v)) if x["metric"] == "tokens_s" else _ms
         lines.append(f"| {x['ratio']} | {x['mode']} | {x['metric']} | {_f(x['value'], 2)}{'x' if x['value'] is not None else ''} | {fmt(x['a'])} | "
                      f"{fmt(x['b'])} | {_f(x['foreign_cpu'], 2)} |")
@@ -98,6 +100,18 @@ def write_summary(run, records: list[dict]) -> str:
             notes.append(f"batchd skipped: probe failed: {r['record']['error'][:300]}")
         elif r["kind"] == "phase" and r.get("contract"):
             notes.append(f"batchd {r['mode']}: stream deviations from the OpenAI format: {r['contract']}")
+        if r["kind"] == "phase" and r["system"] == "batchd" and r.get("server_stats"):
+            lat = (r["server_stats"].get("latency_ms") or {})
+
+            def p(name: str, q: str, lat: dict = lat) -> str:
+                return _ms((lat.get(name) or {}).get(q))
+
+            notes.append(f"batchd {r['mode']}, its own /stats: TTFT p50/p99 {p('time_to_first_token', 'p50')}/"
+                         f"{p('time_to_first_token', 'p99')} ms, inter-token p99 {p('inter_token', 'p99')} ms, "
+                         f"model step p50/p99 {p('model_time', 'p50')}/{p('model_time', 'p99')} ms, mean batch "
+                         f"{_f(r['server_stats'].get('mean_batch_size'))}, chunks per token "
+                         f"{_f(r.get('chunks_per_token'), 2)}, client cpu {r.get('client_cpu')}, server cpu "
+                         f"{r.get('server_cpu')}")
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]

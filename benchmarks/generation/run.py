@@ -206,6 +206,9 @@ class GenRun:
         overrides = list(self.opt.overrides)
         if not any(o.split("=")[0].endswith(".dtype") for o in overrides):
             overrides.append(f"models.{self.opt.model_id}.dtype={self.opt.dtype}")
+        if not any(o.startswith("server.request_timeout_s=") for o in overrides):
+            # a closed-loop burst on a busy 2-core machine can keep a 128-token request longer than 30 s
+            overrides.append(f"server.request_timeout_s={self.opt.phase_max_s:g}")
         self.log(f"starting batchd --config {self.opt.config} --model {self.opt.model_id} "
                  + " ".join(f"--set {o}" for o in overrides))
         server = ServerProcess.batchd(overrides, config=self.opt.config, log_level="error",
