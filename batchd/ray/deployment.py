@@ -69,6 +69,7 @@ def deployment_options(config: Config, replicas: int | None = None) -> dict[str,
         # closes the engines: the same bound as batchd's own drain on SIGTERM.
         "graceful_shutdown_timeout_s": config.server.drain_timeout_s,
         "health_check_period_s": ray_cfg.health_check_period_s,
+        "logging_config": {"enable_access_log": False},  # as `batchd serve`: no line per request
     }
     if ray_cfg.max_replicas > 0:
         options["autoscaling_config"] = {

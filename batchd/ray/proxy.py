@@ -93,8 +93,10 @@ class RetryLostReplica:
 
 
 class BodyFromScope:
-    """Replica side: the body RetryLostReplica put in the scope is the request's body; what the
-    client sends later (http.disconnect) still comes through Ray's receive."""
+    """Replica side: the body RetryLostReplica put in the scope is the request's body, handed over
+    at once. After it, receive() waits until Ray cancels the request, which Ray does when the client
+    leaves: batchd's disconnect watch then costs nothing, where each of its receive() calls through
+    Ray is a call back into the proxy (measured: the proxy's CPU per request doubles under load)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -111,10 +113,8 @@ class BodyFromScope:
             if not given:
                 given = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            while True:  # Ray's receive repeats the body it holds: it was handed over already
-                message = await receive()
-                if message["type"] != "http.request":
-                    return message
+            await asyncio.get_running_loop().create_future()  # cancelled with the request
+            raise AssertionError("unreachable")
 
         await self.app(scope, receive_from_scope, send)
 
