@@ -27,10 +27,12 @@ from tests.helpers import app_client  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
 
-# A slow fake model (30 ms a batch of up to 8), so that concurrent requests must share batches.
+# A slow fake model (30 ms a batch of up to 8, plus 0.1 ms a padded token), so that concurrent
+# requests must share batches.
 CONFIG = {
     "server": {"request_timeout_s": 20},
-    "models": [{"name": "fake", "backend": "fake", "fake_batch_ms": 30, "batching": {"max_batch_size": 8}}],
+    "models": [{"name": "fake", "backend": "fake", "fake_batch_ms": 30, "fake_token_us": 100,
+                "batching": {"max_batch_size": 8}}],
     # one CPU per replica, one CPU per node: Ray must put one replica on each node
     "ray": {"num_replicas": 2, "num_cpus": 1, "health_check_period_s": 1},
 }
@@ -183,3 +185,33 @@ async def test_a_replica_whose_engine_died_fails_rays_health_check_and_is_replac
                 break
             await asyncio.sleep(0.5)
     assert dead in before and len(now) == 2 and dead not in now, (before, dead, now)
+
+
+async def _each_replica(base: str, method: str, path: str) -> dict[str, dict]:
+    """One answer from each of the two replicas (Ray's proxy picks one per call)."""
+    answers: dict[str, dict] = {}
+    give_up = time.monotonic() + 10
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        while len(answers) < 2 and time.monotonic() < give_up:
+            r = await client.request(method, path)
+            answers[r.headers["x-batchd-instance"]] = r.json()
+    assert len(answers) == 2, answers
+    return answers
+
+
+async def test_a_client_that_leaves_has_its_queued_inputs_dropped_on_the_replica(cluster):
+    base, _ = cluster
+    await _each_replica(base, "POST", "/stats/reset")
+    # 96 clients of long texts (a batch of 8 takes ~230 ms) that give up after 0.5 s: most leave
+    # while their input waits in a replica's queue
+    long = "word " * 240
+    async with httpx.AsyncClient(base_url=base, timeout=0.5, limits=httpx.Limits(max_connections=96)) as client:
+        results = await asyncio.gather(*(client.post("/v1/embeddings", json={"input": f"leave {i} {long}"})
+                                         for i in range(96)), return_exceptions=True)
+    assert sum(isinstance(r, httpx.TimeoutException) for r in results) > 48
+    await asyncio.sleep(1)  # what was running has finished
+    stats = (await _each_replica(base, "GET", "/stats")).values()
+    accepted = sum(s["requests_total"] for s in stats)
+    ran = sum(round(s["mean_batch_size"] * s["batches_total"]) for s in stats)
+    # Ray cancels the replica's request when its client leaves; batchd drops its queued input
+    assert sum(s["outcomes"]["cancelled"] for s in stats) > 0 and ran < accepted, list(stats)
