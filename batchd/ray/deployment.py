@@ -3,7 +3,8 @@ threads) serving the same Starlette app as ASGI behind Ray's proxy. batchd does 
 `@serve.batch`, and no Hypercorn inside a replica: Ray's proxy speaks HTTP and hands requests over.
 
 Deployment options come from config.toml's [ray] section (RayConfig); what is left at 0 there is
-derived from the models' batch sizes, so that Ray's per-replica cap never caps a batch.
+derived from the models' batch sizes and queue bounds, so that Ray never holds back a request that
+batchd would batch or queue.
 """
 from __future__ import annotations
 
