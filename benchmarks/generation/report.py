@@ -85,7 +85,7 @@ def write_summary(run, records: list[dict]) -> str:
                          f"outputs differ (median first differing token "
                          f"{_f(r['agreement'].get('first_diff_median'), 0)}); generate() {_f(r['tokens_s'])} vs "
                          f"{_f(r['reference_tokens_s'])} tok/s of service time = {_f(r['speed_ratio'], 2)}x "
-                         f"(not side by side; foreign cpu {r.get('foreign_cpu')})")
+                         f"(each request in both dtypes back to back; foreign cpu {r.get('foreign_cpu')})")
         elif r["kind"] == "cancel_probe":
             notes.append(f"Manager cancel probe: A cancelled after {r['a_tokens_at_cancel']} tokens delivered "
                          f"{r['a_outputs_after_cancel']} more output(s) (last at {r['a_tokens_after_cancel']} tokens), "

@@ -11,7 +11,8 @@
                   manager / batchd, the same arrival times for both: manager, then batchd
   8. cancel probe what the manager does with a cancelled in-flight request
   9. dtype pass   generate() in the other dtype (bf16 when the run is fp32) on the first N requests:
-                  how many greedy outputs differ, and its tokens/s next to the run's own
+                  how many greedy outputs differ; its tokens/s against the run's dtype, each request
+                  run in both dtypes back to back (a side-by-side speed ratio)
 Each phase is bounded in time; before each one the run waits (bounded) for other jobs to go quiet
 and records how many cores other processes used during it (`foreign_cpu`).
 """
@@ -188,11 +189,7 @@ class GenRun:
                 server.close()
 
         if "generate" in opt.systems and self.reference:
-            del model
-            import gc
-
-            gc.collect()
-            self.dtype_pass(reqs)
+            self.dtype_pass(model, reqs)
         from .report import write_summary
 
         write_summary(self.run, self.run.records)
@@ -298,26 +295,34 @@ class GenRun:
         return self.opt.open_fraction * max(closed) if closed else None
 
     # ---- dtype pass --------------------------------------------------------------------------------
-    def dtype_pass(self, reqs) -> None:
+    def dtype_pass(self, model, reqs) -> None:
+        """generate() in the other dtype on the first n requests, each request run in both dtypes back
+        to back (interleaved, so the speed ratio is read side by side); greedy outputs compared with
+        the run's own generate() records."""
         other = "bfloat16" if self.opt.dtype == "float32" else "float32"
         n = self.opt.dtype_pass_n or (6 if self.opt.quick else 12)
         subset = reqs[:n]
-        self.log(f"dtype pass: generate() in {other} on the first {n} requests")
-        _, model = workload.load_model(other)
-        offline.warmup(model, self.tok)
+        self.log(f"dtype pass: generate() in {other} and {self.opt.dtype}, interleaved, on the first {n} requests")
+        _, other_model = workload.load_model(other)
+        offline.warmup(other_model, self.tok)
         self.quiet()
         m = OwnMeter()
-        recs = offline.sequential(model, subset, self.opt.phase_max_s)
+        recs, same = [], []
+        t_end = time.monotonic() + self.opt.phase_max_s
+        for r in subset:
+            if time.monotonic() > t_end:
+                break
+            same += offline.sequential(model, [r])
+            recs += offline.sequential(other_model, [r])
         meter = m.stop()
         agree = offline.agreement(self.reference, recs, self.tok)
-        ref = [r for r in self.reference if r["i"] < n]
-        this_s, ref_s = _service_tokens_s(recs), _service_tokens_s(ref)
+        this_s, ref_s = _service_tokens_s(recs), _service_tokens_s(same)
         rec = self.run.emit({"kind": "dtype_pass", "dtype": other, "reference_dtype": self.opt.dtype, "requests": n,
                              "differ": agree["differ"], "compared": agree["compared"], "agreement": agree,
                              "tokens_s": this_s, "reference_tokens_s": ref_s,
                              "speed_ratio": _ratio(this_s, ref_s), **meter})
         self.log(f"dtype pass: {rec['differ']}/{rec['compared']} greedy outputs differ between {other} and "
-                 f"{self.opt.dtype}; generate() {_f(this_s)} vs {_f(ref_s)} tok/s")
+                 f"{self.opt.dtype}; generate() {_f(this_s)} vs {_f(ref_s)} tok/s, side by side")
 
 
 def _service_tokens_s(recs: list[dict]) -> float | None:
