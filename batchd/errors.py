@@ -30,6 +30,10 @@ class ModelNotFound(BatchdError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class NotFound(BatchdError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
 class PayloadTooLarge(BatchdError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 

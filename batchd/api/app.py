@@ -61,7 +61,9 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
     app.state.registry = getattr(metrics, "registry", None) or served.registry()
     app.state.api_key = os.environ.get("BATCHD_API_KEY") or config.server.api_key
     app.add_middleware(ResponseCounter, served=served)
-    app.add_middleware(InstanceHeader, instance_id=instance or default_instance_id())
+    app.state.instance = instance or default_instance_id()
+    app.state.stats_scope = "server"  # batchd/ray sets "replica": each replica's /stats is its own
+    app.add_middleware(InstanceHeader, instance_id=app.state.instance)
     return app
 
 

@@ -5,7 +5,7 @@ import orjson
 from prometheus_client import generate_latest
 
 from ..engine import Engine
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound, NotFound
 from ..metrics import PrometheusMetrics
 
 _TASK_WORDS = {"embed": "embeddings", "generate": "text generation"}
@@ -72,6 +72,9 @@ class ServedModels:
         self.reset_all()
 
     async def metrics_body(self, registry) -> bytes:
+        if registry is None:  # the engines record into another exporter: Ray's, under batchd/ray
+            raise NotFound("under Ray, metrics are exported by Ray's metrics system (ray_batchd_*, on each "
+                           "node's metrics export port), not by a replica")
         return generate_latest(registry)
 
     def registry(self):

@@ -153,8 +153,13 @@ async def health(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
+    """The figures of this server (or, under Ray, of this replica: `scope` says which), with the
+    instance that answered."""
     check_api_key(request)
-    return Response(await served(request).stats_body(), media_type="application/json")
+    state = request.app.state
+    body = await served(request).stats_body()
+    head = orjson.dumps({"scope": state.stats_scope, "instance": state.instance})
+    return Response(head[:-1] + b"," + body[1:], media_type="application/json")
 
 
 async def stats_reset(request: Request) -> Response:

@@ -91,8 +91,11 @@ async def test_both_replicas_answer_and_batch_with_the_same_results_as_plain_bat
     for instance in instances:  # each replica batched: 96 concurrent requests, batches of up to 8
         sizes = [int(r.headers["x-batch-size"]) for r in responses if r.headers["x-batchd-instance"] == instance]
         assert max(sizes) > 1, (instance, sizes)
+    stats = httpx.get(f"{base}/stats", timeout=10)
+    assert stats.json()["scope"] == "replica" and stats.json()["instance"] == stats.headers["x-batchd-instance"]
     plain = config_from_dict({k: v for k, v in CONFIG.items() if k != "ray"})
     async with app_client(plain) as (client, _):
+        assert (await client.get("/stats")).json()["scope"] == "server"
         for text, response in zip(texts, responses):
             expected = (await client.post("/v1/embeddings", json={"input": text})).json()["data"][0]["embedding"]
             assert np.allclose(response.json()["data"][0]["embedding"], expected, atol=1e-6), text
