@@ -292,7 +292,8 @@ def test_an_engine_that_dies_makes_every_front_end_answer_503(server):
                 assert h.status_code == 503 and h.json()["status"] == "dead"
     wait_until(lambda: server.get("/health")[0] == 503, what="front ends notice")
     asyncio.run(scenario())
-    assert server.stop() == 1  # the engine did not exit cleanly, and the exit status says so
+    # the supervisor gives its children drain_timeout_s + 15 s before it kills them: wait past that
+    assert server.stop(timeout=60) == 1  # the engine did not exit cleanly, and the exit status says so
 
 
 def test_sigterm_drains_every_process_and_exits_0():
