@@ -116,12 +116,15 @@ class GenerateBackend:
         import torch
 
         self.device = pick_device(self.cfg)
-        if not self.cfg.torch_threads:
-            # A decode step is hundreds of small ops, each waiting for every intra-op thread: one thread
-            # the OS parks for the event loop or a client stalls them all (2 cores: 189 ms quiet, 987 ms
-            # beside one busy process with 2 threads; 275 / 230 ms with 1). Leave the loop a core.
-            # torch's thread count is per thread: the embedding model's thread keeps its own.
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+        # torch's intra-op thread count is per calling thread, so this model thread sets its own per
+        # forward (0.3 us) and the embedding model's thread keeps its own. A prefill is a few large
+        # matmuls: all cores (4x128 tokens: 1064 ms with 2 threads, 2035 ms with 1). A decode is
+        # hundreds of small ops, each waiting for every intra-op thread, so one thread the OS parks
+        # for the event loop stalls them all: all cores but one (B=16, 2 cores: 245 ms with 2 threads,
+        # 217 ms with 1; beside one busy process 987 ms with 2, 230 ms with 1).
+        cores = len(os.sched_getaffinity(0))
+        self.prefill_threads = self.cfg.torch_threads or cores
+        self.decode_threads = self.cfg.torch_threads or max(1, cores - 1)
         dtype = getattr(torch, self.cfg.dtype)
         if self.model is None:
             from transformers import AutoModelForCausalLM
@@ -164,8 +167,10 @@ class GenerateBackend:
         tokens: dict[int, int] = {}
         with torch.inference_mode():
             if work.prefill:  # prompts and decodes run apart: a decode row padded to a chunk's width is waste
+                torch.set_num_threads(self.prefill_threads)
                 self._run_rows(work.prefill, tokens)
             if work.decode:
+                torch.set_num_threads(self.decode_threads)
                 self._run_rows([(seq, np.asarray([tok]), pos, True, suppress)
                                 for seq, tok, pos, suppress in work.decode], tokens)
         return StepOutput(tokens, started, time.perf_counter() - t0)
