@@ -74,7 +74,7 @@ class BatchingConfig(_Section):
 class GenerationConfig(_Section):
     """Generation models: continuous batching, one decode step at a time."""
     max_running_seqs: int = 32  # sequences decoding together; each owns a KV slot of model.max_length tokens
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (longer prompts go in chunks)
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (longer prompts go in chunks)
     schedule: Literal["fifo", "prefill_first"] = "fifo"
     max_queue: int = 1024  # sequences waiting for a slot; beyond it 429
     max_stop_sequences: int = 4
