@@ -36,11 +36,11 @@ async def _generate(request: Request, chat: bool) -> Response:
         req, received, deadline = await read_json_request(request, _chat_decoder if chat else _completion_decoder)
         engine: GenerateEngine = models.resolve(req.model, "generate")  # type: ignore[assignment]
         request.state.model = engine.name
-        params, max_tokens_asked = _params(req, engine)
+        params = _params(req, engine)
         engine.check_accepting()
         started = time.perf_counter()
         prompt = _prompt(req, engine, chat)
-        max_tokens = engine.check_prompt(prompt, max_tokens_asked, "messages" if chat else "prompt")
+        max_tokens = engine.check_prompt(prompt, params.max_tokens, "messages" if chat else "prompt")
         tokenize_s = time.perf_counter() - started
     except BatchdError as exc:
         engine = models.by_name.get(getattr(request.state, "model", "")) or models.default("generate")
@@ -65,7 +65,7 @@ async def _generate(request: Request, chat: bool) -> Response:
                              headers={"cache-control": "no-cache"})
 
 
-def _params(req, engine: GenerateEngine) -> tuple[GenerationParams, int | None]:
+def _params(req, engine: GenerateEngine) -> GenerationParams:
     if req.n != 1:
         raise InvalidRequest("only n = 1 is supported", param="n")
     if not 0 <= req.temperature <= 2:
@@ -83,7 +83,7 @@ def _params(req, engine: GenerateEngine) -> tuple[GenerationParams, int | None]:
     if len(stops) > limit or any(not s for s in stops):
         raise InvalidRequest(f"stop takes at most {limit} non-empty strings", param="stop")
     sampling = Sampling(req.temperature, req.top_p, req.seed)
-    return GenerationParams(max_tokens, req.min_tokens, req.ignore_eos, stops, sampling), max_tokens
+    return GenerationParams(max_tokens, req.min_tokens, req.ignore_eos, stops, sampling)
 
 
 def _prompt(req, engine: GenerateEngine, chat: bool) -> np.ndarray:

@@ -237,7 +237,10 @@ def test_queue_full_and_deadlines_are_decided_by_the_engine(server):
             async def fresh_post(i: int) -> httpx.Response:
                 async with client(server) as f:
                     return await f.post("/v1/embeddings", json={"input": f"job {i}", "model": "slow"})
-            jobs = [asyncio.create_task(fresh_post(i)) for i in range(4)]
+            # the first must be running before the others come, or all four race for three queue places
+            jobs = [asyncio.create_task(fresh_post(0))]
+            await stats_until(c, lambda s: slow_stats(s)["inflight_batches"] == 1, what="the first running")
+            jobs += [asyncio.create_task(fresh_post(i)) for i in range(1, 4)]
             await stats_until(c, lambda s: slow_stats(s)["requests_total"] == 4, what="4 accepted")
             refused = await c.post("/v1/embeddings", json={"input": "one more", "model": "slow"})
             assert refused.status_code == 429 and refused.json()["error"]["code"] in ("queue_full",

@@ -4,7 +4,6 @@ every replica, and a replica killed under load is replaced without a lost or hun
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import time
