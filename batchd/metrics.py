@@ -106,25 +106,24 @@ class PrometheusModelMetrics:
     def __init__(self, exporter: PrometheusMetrics, model: str) -> None:
         self.exporter = exporter
         self.model = model
-        families, pulled = exporter._families, exporter._pulled
-        self._families = families
-        self._pulled = pulled
-        self._children: dict[tuple[str, str | None], object] = {}  # labels() costs ~1 us; cache it
+        self._families = exporter._families
+        self._pulled = exporter._pulled
+        # labels() costs ~1 us: each child is looked up once, on first use (a series appears when
+        # it is first recorded); after that a call is one dict lookup
+        self._children: dict[object, object] = {}  # name, or (name, label)
 
-    def _child(self, name: str, label: str | None):
-        key = (name, label)
-        child = self._children.get(key)
-        if child is None:
-            family = self._families[name]
-            child = family.labels(self.model, label) if label is not None else family.labels(self.model)
-            self._children[key] = child
+    def _new_child(self, key: object):
+        name, label = key if isinstance(key, tuple) else (key, None)
+        family = self._families[name]
+        child = self._children[key] = family.labels(self.model) if label is None else family.labels(self.model, label)
         return child
 
     def inc(self, name: str, amount: float = 1.0, label: str | None = None) -> None:
-        self._child(name, label).inc(amount)
+        key = name if label is None else (name, label)
+        (self._children.get(key) or self._new_child(key)).inc(amount)
 
     def observe(self, name: str, value: float) -> None:
-        self._child(name, None).observe(value)
+        (self._children.get(name) or self._new_child(name)).observe(value)
 
     def track(self, name: str, read: Reading) -> None:
         self._pulled[name].append((self.model, read))

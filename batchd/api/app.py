@@ -16,8 +16,9 @@ from ..engine import Engine, make_engine
 from ..metrics import PrometheusMetrics
 from . import completions, embeddings, routes
 from .errors import HANDLERS
-from .instance import InstanceHeader, default_instance_id
+from .instance import default_instance_id
 from .models import ServedModels
+from .routes import RawEndpoint
 
 
 def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None, metrics=None,
@@ -42,8 +43,8 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
 
     app = Starlette(
         routes=[
-            Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
-            Route("/embeddings", embeddings.embeddings, methods=["POST"]),
+            Route("/v1/embeddings", RawEndpoint(embeddings.embeddings), methods=["POST"]),
+            Route("/embeddings", RawEndpoint(embeddings.embeddings), methods=["POST"]),
             Route("/v1/chat/completions", completions.chat_completions, methods=["POST"]),
             Route("/v1/completions", completions.completions, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
@@ -60,10 +61,9 @@ def create_app(config: Config, engines: Engine | Sequence[Engine] | None = None,
     app.state.started = time.monotonic()
     app.state.registry = getattr(metrics, "registry", None) or served.registry()
     app.state.api_key = os.environ.get("BATCHD_API_KEY") or config.server.api_key
-    app.add_middleware(ResponseCounter, served=served)
     app.state.instance = instance or default_instance_id()
     app.state.stats_scope = "server"  # batchd/ray sets "replica": each replica's /stats is its own
-    app.add_middleware(InstanceHeader, instance_id=app.state.instance)
+    app.add_middleware(ResponseHooks, instance_id=app.state.instance, served=served)
     return app
 
 
@@ -94,23 +94,30 @@ def _front_end_lifespan(client):
 _NOT_COUNTED = {"/health", "/metrics"}  # probes and scrapes: a loading server's 503s are not errors
 
 
-class ResponseCounter:
-    """batchd_http_responses_total{model,status}: every API answer, refusals included, by status code.
-    A route that resolved its model puts the name in request.state.model."""
+class ResponseHooks:
+    """What every response gets, in one pure-ASGI layer (each layer costs a coroutine and a send
+    wrapper per request): the `x-batchd-instance` header (which process answered: behind a load
+    balancer or Ray Serve's proxy a client tells replicas apart by it) and, with `served`,
+    batchd_http_responses_total{model,status} for every API answer, refusals included. A route that
+    resolved its model puts the name in request.state.model."""
 
-    def __init__(self, app: ASGIApp, served: ServedModels) -> None:
+    def __init__(self, app: ASGIApp, instance_id: str, served: ServedModels | None = None) -> None:
         self.app = app
+        self.header = (b"x-batchd-instance", instance_id.encode("latin-1", "replace"))
         self.served = served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _NOT_COUNTED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        counted = self.served is not None and scope["path"] not in _NOT_COUNTED
 
-        async def counting_send(message: Message) -> None:
+        async def send_with_hooks(message: Message) -> None:
             if message["type"] == "http.response.start":
-                model = (scope.get("state") or {}).get("model", "")
-                self.served.metrics_for(model).inc("batchd_http_responses", label=str(message["status"]))
+                message["headers"] = [*message.get("headers", ()), self.header]
+                if counted:
+                    model = (scope.get("state") or {}).get("model", "")
+                    self.served.metrics_for(model).inc("batchd_http_responses", label=str(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        await self.app(scope, receive, send_with_hooks)

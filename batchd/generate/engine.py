@@ -307,15 +307,15 @@ class GenerateEngine(Engine):
                      ) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish reason or None) until the sequence ends. When the reader stops early
         (client gone, timeout, shutdown) the sequence leaves the running batch at the next step."""
-        ending = {self.stop_waiting(): ShuttingDown("the server shut down before this request finished")}
+        def stopped() -> None:
+            seq.out.end(error=ShuttingDown("the server shut down before this request finished"))
+
+        def client_left(_: asyncio.Future) -> None:
+            seq.out.end(error=ClientDisconnected("client disconnected"))
+
+        self.stopping.add(stopped)
         if client_gone is not None:
-            ending[client_gone] = ClientDisconnected("client disconnected")
-
-        def stopped(future: asyncio.Future) -> None:
-            seq.out.end(error=ending[future])
-
-        for future in ending:
-            future.add_done_callback(stopped)
+            client_gone.add_done_callback(client_left)
         outcome, reason = "failed", None
         try:
             while True:
@@ -330,8 +330,9 @@ class GenerateEngine(Engine):
                 outcome, reason = ending_of(exc)
             raise
         finally:
-            for future in ending:
-                future.remove_done_callback(stopped)
+            self.stopping.discard(stopped)
+            if client_gone is not None:
+                client_gone.remove_done_callback(client_left)
             self.task.cancel(seq)
             self.active_requests -= 1
             self.stats.request_finished(outcome, time.monotonic() - seq.arrival, reason)

@@ -162,8 +162,9 @@ async def test_stress_every_request_gets_one_outcome_and_counters_reconcile():
         assert stats["rejections"] == dict(ledger.rejected)
         print("stress outcomes:", outs, "rejections:", dict(ledger.rejected), "model_calls:", stats["model_calls"],
               "batches:", stats["batches_total"])
-        # the mix really happened
-        assert outs["completed"] > 1000 and outs["failed"] > 10 and outs["timed_out"] > 10, outs
+        # the mix really happened (how many complete depends on the machine: a busy one fills the
+        # queue sooner, ~750 of 3000 under a neighbour's load, ~1100 quiet; the share is not the point)
+        assert outs["completed"] > 300 and outs["failed"] > 10 and outs["timed_out"] > 10, outs
         assert outs["cancelled"] > 50 and sum(ledger.rejected.values()) > 0, (outs, ledger.rejected)
         assert stats["model_calls"] > stats["batches_total"]  # batches were bisected
         # no poisoned input ever "ran"; none of the items of a finished request is left pending

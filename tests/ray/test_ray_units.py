@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray tests need Ray Serve: pip install .[ray]")
 
-from batchd.api.instance import InstanceHeader, default_instance_id  # noqa: E402
+from batchd.api.app import ResponseHooks  # noqa: E402
+from batchd.api.instance import default_instance_id  # noqa: E402
 from batchd.config import ConfigError, config_from_dict  # noqa: E402
 from batchd.metrics import SPECS  # noqa: E402
 from batchd.ray.deployment import app_builder, batch_capacity, deployment_options  # noqa: E402
@@ -157,7 +158,7 @@ async def test_instance_header_on_every_response_and_host_pid_outside_a_replica(
     ident = default_instance_id()  # ray.serve is imported here, yet this process is no replica
     host, _, pid = ident.rpartition(":")
     assert host and pid.isdigit()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=InstanceHeader(app, "r-1")),
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ResponseHooks(app, "r-1")),
                                  base_url="http://x.test") as client:
         response = await client.get("/anything")
     assert response.headers["x-batchd-instance"] == "r-1" and response.headers["a"] == "b"
