@@ -4,11 +4,11 @@ are batchd/embed (batches of inputs) and batchd/generate (continuous batching of
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from typing import Callable
 
+from . import heap
 from .backends import Backend, make_backend
 from .config import Config, ModelConfig, ServerConfig
 from .errors import BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, ShuttingDown
@@ -17,7 +17,6 @@ from .scheduler import StepLoop, Task
 from .worker import ModelWorker
 
 log = logging.getLogger("batchd.engine")
-YOUNG_GC_THRESHOLD = 20_000
 
 
 class Engine:
@@ -56,14 +55,7 @@ class Engine:
             self._die(exc)
             return
         if self.state == "loading":
-            # The model, torch and transformers leave ~365k long-lived objects; frozen, the cyclic
-            # GC stops rescanning them on every full collection under load (236 ms each, measured).
-            gc.collect()
-            gc.freeze()
-            # Hundreds of requests in flight keep thousands of young objects alive, so the default
-            # young-generation threshold (700) collected every ~50 requests at ~3 ms a collection:
-            # ~50 us of every request (fake backend, 256 in flight). At 20000: ~2 us.
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+            heap.settle()
             self._loop_task = asyncio.create_task(self.loop.run(), name=f"batchd-scheduler-{self.name}")
             self._loop_task.add_done_callback(self._loop_ended)
             self.state = "ready"

@@ -219,16 +219,17 @@ class RemoteEmbedEngine(RemoteEngine):
         client.pending[rid] = future
         ids, lengths = ipc.pack_ids(list(token_ids))
         client.send(ipc.Embed(rid, self.name, ids, lengths, deadline, tokenize_s))
-        gone = None
+
+        def gone(_: asyncio.Future) -> None:
+            client.send(ipc.Cancel(rid))
+
         if client_gone is not None:
-            def gone(_: asyncio.Future) -> None:
-                client.send(ipc.Cancel(rid))
             client_gone.add_done_callback(gone)
         try:
             msg = await future
         finally:
-            if gone is not None:
-                client_gone.remove_done_callback(gone)  # type: ignore[union-attr]
+            if client_gone is not None:
+                client_gone.remove_done_callback(gone)
             if not future.done():  # this handler was cancelled: the engine drops the inputs
                 client.pending.pop(rid, None)
                 client.send(ipc.Cancel(rid))
