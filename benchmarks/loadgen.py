@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 keep-alive load generator (its own process; `python -m benchmarks.loadgen SPEC.json`).
 
 Why not httpx: it tops out near 1k requests/s per core, which would make the client the bottleneck.
-Here every request is pre-encoded to bytes once, each connection is a raw asyncio stream, and a
-response is read as headers + Content-Length bytes; the body is not parsed (a few are checked).
+Here every request is pre-encoded to bytes once, each connection is a raw asyncio stream (the client
+in http_client.py), and a response is read as headers + Content-Length bytes; the body is not parsed
+(a few are checked).
 
 Modes
   closed: `concurrency` connections, each sends its next request as soon as the previous answers.
@@ -26,37 +27,12 @@ import time
 
 import numpy as np
 
+from .http_client import TRANSPORT_ERRORS, Pool, connect, percentiles, request_head, with_body
+
 
 def encode_requests(host: str, port: int, path: str, bodies: list[bytes]) -> list[bytes]:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            "Connection: keep-alive\r\n").encode()
-    return [head + b"Content-Length: %d\r\n\r\n" % len(b) + b for b in bodies]
-
-
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def call(self, raw: bytes) -> tuple[int, bytes, bool]:
-        """(status, body, whether the server closes the connection after this response)"""
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        lower = head.lower()
-        i = lower.find(b"content-length:")
-        if i < 0:
-            raise ValueError("response without content-length")
-        j = lower.find(b"\r\n", i)
-        body = await self.reader.readexactly(int(head[i + 15:j]))
-        return status, body, b"connection: close" in lower
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def connect(host: str, port: int) -> Conn:
-    reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
-    return Conn(reader, writer)
+    head = request_head("POST", host, port, path, {"Content-Type": "application/json", "Connection": "keep-alive"})
+    return [with_body(head, b) for b in bodies]
 
 
 class Recorder:
@@ -98,7 +74,7 @@ async def run_closed(spec: dict, reqs: list[bytes], rec: Recorder, t0: float) ->
                 if closing:  # a complete answer; the next request needs a new connection
                     conn.close()
                     conn = None
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 rec.error(type(exc).__name__)
                 if conn is not None:
                     conn.close()
@@ -119,29 +95,23 @@ async def run_open(spec: dict, reqs: list[bytes], rec: Recorder, t0: float) -> N
     rng = random.Random(spec.get("seed", 1))
     rate, duration = spec["rate"], spec["duration_s"]
     n = min(spec["max_requests"], int(rate * duration * 1.5) + 10)
-    idle: list[Conn] = []
-    open_conns = [0]
-    slots = asyncio.Semaphore(spec.get("max_connections", 1024))
+    pool = Pool(spec["host"], spec["port"], spec.get("max_connections", 1024))
+    slots = asyncio.Semaphore(pool.limit)  # an arrival waits here for a connection; never skipped
     timeout = spec["timeout_s"]
     offset = spec.get("offset", 0)
 
     async def one(idx: int, scheduled: float) -> None:
-        async with slots:
-            conn = idle.pop() if idle else None
+        async with slots:  # fewer than pool.limit in flight: take() has an idle connection or opens one
+            conn = None
             try:
-                if conn is None:
-                    conn = await connect(spec["host"], spec["port"])
-                    open_conns[0] += 1
+                conn = pool.get() or await pool.take()
                 status, body, closing = await asyncio.wait_for(conn.call(reqs[idx]), timeout)
                 rec.ok(scheduled, time.perf_counter(), status, idx, body)
-                if closing:
-                    conn.close()
-                else:
-                    idle.append(conn)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                pool.give(conn, reuse=not closing)
+            except TRANSPORT_ERRORS as exc:
                 rec.error(type(exc).__name__)
                 if conn is not None:
-                    conn.close()
+                    pool.give(conn, reuse=False)
 
     tasks = []
     at = t0
@@ -155,9 +125,8 @@ async def run_open(spec: dict, reqs: list[bytes], rec: Recorder, t0: float) -> N
         tasks.append(asyncio.create_task(one((offset + k) % len(reqs), at)))
     if tasks:
         await asyncio.wait(tasks, timeout=spec["drain_s"])
-    for conn in idle:
-        conn.close()
-    rec.connections = open_conns[0]  # type: ignore[attr-defined]
+    pool.close()
+    rec.connections = pool.opened  # type: ignore[attr-defined]
 
 
 def summarise(spec: dict, rec: Recorder, t0: float, t_end: float, cpu_s: float) -> dict:
@@ -173,7 +142,7 @@ def summarise(spec: dict, rec: Recorder, t0: float, t_end: float, cpu_s: float) 
     measured = (start >= warm) & (start <= window_end)
     window = max(1e-9, min(window_end, t_end) - warm)
     lat = (end - start)[measured & good] * 1e3
-    pct = np.percentile(lat, [50, 90, 99]).tolist() if len(lat) else [None] * 3
+    pct = percentiles(lat, (50, 90, 99))
     codes: dict[str, int] = {}
     for s in status[measured]:
         codes[str(s)] = codes.get(str(s), 0) + 1

@@ -10,8 +10,8 @@
 
 Bounded in time and connections, stops by itself, talks only to 127.0.0.1, ends only the process it
 started (by PID). Run: `python -m benchmarks.overload` or `python benchmarks/overload.py [--help]`.
-Uses only the standard library: a tiny keep-alive HTTP/1.1 client, cheaper than httpx, so that on a
-small machine the load generator is not the bottleneck.
+The client is the load generator's (benchmarks/http_client.py): keep-alive HTTP/1.1 over raw asyncio
+streams, cheaper than httpx, so that on a small machine the load generator is not the bottleneck.
 """
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+if not __package__:  # run as a file (python benchmarks/overload.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from batchd.testing import ServerProcess
+from benchmarks.http_client import TRANSPORT_ERRORS, Pool, connect, percentiles
 
 HOST = "127.0.0.1"
 WORDS = ("server batch queue latency token model thread vector padding bucket budget client request "
@@ -45,38 +49,9 @@ def start_server(args: argparse.Namespace) -> ServerProcess:
         raise SystemExit(str(exc)) from None
 
 
-# ---- a minimal keep-alive HTTP/1.1 client -------------------------------------------------------------
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "Conn":
-        reader, writer = await asyncio.open_connection(HOST, port)
-        return cls(reader, writer)
-
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-                      ) -> tuple[int, dict[str, str], bytes]:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        status = int(status_line.split()[1])
-        hdrs = {}
-        for line in header_lines:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                hdrs[k.strip().lower()] = v.strip()
-        payload = await self.reader.readexactly(int(hdrs.get("content-length", "0")))
-        return status, hdrs, payload
-
-    def close(self) -> None:
-        self.writer.close()
-
-
+# ---- the load --------------------------------------------------------------------------------------
 async def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = await Conn.open(port)
+    conn = await connect(HOST, port)
     try:
         status, _, body = await asyncio.wait_for(conn.request("GET", path), timeout=10)
         return status, body
@@ -87,39 +62,6 @@ async def get(port: int, path: str) -> tuple[int, bytes]:
 def make_body(rng: random.Random) -> bytes:
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(6, 20)))
     return json.dumps({"input": text}).encode()
-
-
-class Pool:
-    """Idle keep-alive connections, opened on demand up to `limit` at once."""
-
-    def __init__(self, port: int, limit: int) -> None:
-        self.port, self.limit = port, limit
-        self.idle: list[Conn] = []
-        self.open = 0
-
-    async def take(self) -> Conn | None:
-        if self.idle:
-            return self.idle.pop()
-        if self.open >= self.limit:
-            return None
-        self.open += 1
-        try:
-            return await Conn.open(self.port)
-        except OSError:
-            self.open -= 1
-            raise
-
-    def give(self, conn: Conn, healthy: bool) -> None:
-        if healthy:
-            self.idle.append(conn)
-        else:
-            self.open -= 1
-            conn.close()
-
-    def close(self) -> None:
-        for c in self.idle:
-            c.close()
-        self.idle.clear()
 
 
 class Tally:
@@ -143,25 +85,26 @@ async def one(pool: Pool, body: bytes, headers: dict[str, str], tally: Tally, du
     try:
         status, hdrs, payload = await asyncio.wait_for(conn.request("POST", "/v1/embeddings", body, headers), 60)
         healthy = hdrs.get("connection", "").lower() != "close"
-        elapsed = time.monotonic() - due  # from the scheduled arrival: client lag counts against us
-        tally.status[status] += 1
-        if status == 200:
-            tally.latency_ok.append(elapsed)
-            tally.last_ok = max(tally.last_ok, time.monotonic())
-        elif status == 429:
-            tally.latency_429.append(elapsed)
-            tally.reasons[json.loads(payload)["error"]["code"]] += 1
-            tally.retry_after.append(int(hdrs.get("retry-after", "0")))
-        else:
-            tally.reasons[f"{status}:{json.loads(payload)['error']['code']}"] += 1
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+    except TRANSPORT_ERRORS as exc:
         tally.errors[type(exc).__name__] += 1
+        return
     finally:
         pool.give(conn, healthy)
+    elapsed = time.monotonic() - due  # from the scheduled arrival: client lag counts against us
+    tally.status[status] += 1
+    if status == 200:
+        tally.latency_ok.append(elapsed)
+        tally.last_ok = max(tally.last_ok, time.monotonic())
+    elif status == 429:
+        tally.latency_429.append(elapsed)
+        tally.reasons[json.loads(payload)["error"]["code"]] += 1
+        tally.retry_after.append(int(hdrs.get("retry-after", "0")))
+    else:
+        tally.reasons[f"{status}:{json.loads(payload)['error']['code']}"] += 1
 
 
 async def closed_loop(port: int, concurrency: int, seconds: float, headers: dict[str, str]) -> tuple[Tally, float]:
-    tally, pool = Tally(), Pool(port, concurrency)
+    tally, pool = Tally(), Pool(HOST, port, concurrency)
     rng = random.Random(1)
     end = time.monotonic() + seconds
 
@@ -178,7 +121,7 @@ async def closed_loop(port: int, concurrency: int, seconds: float, headers: dict
 
 async def open_loop(port: int, rate: float, seconds: float, headers: dict[str, str], max_conns: int
                     ) -> tuple[Tally, float, int]:
-    tally, pool = Tally(), Pool(port, max_conns)
+    tally, pool = Tally(), Pool(HOST, port, max_conns)
     rng = random.Random(2)
     n = int(rate * seconds)
     started = tally.started = time.monotonic()  # type: ignore[attr-defined]
@@ -198,11 +141,10 @@ async def open_loop(port: int, rate: float, seconds: float, headers: dict[str, s
     return tally, send_s, n
 
 
-def pct(samples: list[float], q: float) -> float:
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+def p50_p99_ms(samples: list[float], digits: int) -> str:
+    """"p50 / p99 ms" of latencies in seconds ("nan / nan ms" when there are none)."""
+    p50, p99 = percentiles(samples, (50, 99), float("nan"))
+    return f"{p50 * 1e3:.{digits}f} / {p99 * 1e3:.{digits}f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,15 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         ("backend", mode),
         ("client deadline (x-request-timeout)", f"{args.timeout:.1f} s"),
         ("saturated throughput (closed loop, %d clients)" % args.concurrency, f"{sat_rate:.1f} req/s"),
-        ("  p50 / p99 latency at saturation", f"{pct(sat.latency_ok, 50) * 1e3:.0f} / {pct(sat.latency_ok, 99) * 1e3:.0f} ms"),
+        ("  p50 / p99 latency at saturation", p50_p99_ms(sat.latency_ok, 0)),
         ("offered rate (overload)", f"{rate:.1f} req/s = {args.factor:g}x for {args.seconds:g} s"),
         ("  requests offered / sent / not sent (client cap)", f"{offered} / {sent} / {over.skipped}"),
         ("  achieved send rate", f"{offered / send_s:.1f} req/s"),
         ("accepted throughput (200s)", f"{ok_rate:.1f} req/s = {ok_rate / sat_rate:.0%} of saturated"),
         ("share of 429 (of sent)", f"{n429 / max(sent, 1):.1%}  {dict(over.reasons)}"),
-        ("  429 latency p50 / p99", f"{pct(over.latency_429, 50) * 1e3:.1f} / {pct(over.latency_429, 99) * 1e3:.1f} ms"),
-        ("  Retry-After min / median / max", f"{min(over.retry_after, default=0)} / {int(pct(over.retry_after, 50)) if over.retry_after else 0} / {max(over.retry_after, default=0)} s"),
-        ("accepted latency p50 / p99", f"{pct(over.latency_ok, 50) * 1e3:.0f} / {pct(over.latency_ok, 99) * 1e3:.0f} ms"),
+        ("  429 latency p50 / p99", p50_p99_ms(over.latency_429, 1)),
+        ("  Retry-After min / median / max", f"{min(over.retry_after, default=0)} / {int(percentiles(over.retry_after, (50,), 0)[0])} / {max(over.retry_after, default=0)} s"),
+        ("accepted latency p50 / p99", p50_p99_ms(over.latency_ok, 0)),
         ("other statuses / transport errors", f"{ {k: v for k, v in over.status.items() if k not in (200, 429)} } / {dict(over.errors)}"),
         ("server RSS warm / after saturation / after overload", f"{rss0:.1f} / {rss1:.1f} / {rss2:.1f} MiB"),
         ("server outcomes during overload (/stats)", str(d_out)),
