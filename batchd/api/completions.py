@@ -49,7 +49,7 @@ async def _generate(request: Request, chat: bool) -> Response:
         raise
     seq = engine.admit(prompt, params, max_tokens, deadline, tokenize_s)
     shape = _Shape(chat, engine.name, len(prompt))
-    watch = DisconnectWatch(request)
+    watch = DisconnectWatch(request.receive)
     chunks = engine.stream(seq, watch.future)
     try:
         if not req.stream:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
-from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from ..embed.engine import EmbedEngine
 from ..errors import BatchdError, InvalidRequest
 from ..types import ItemResult
-from .routes import DisconnectWatch, read_json_request, send_json, served
+from .models import ServedModels
+from .routes import DisconnectWatch, read_json, send_json
 from .schemas import EmbeddingRequest
 
 log = logging.getLogger("batchd.api")
@@ -38,17 +38,16 @@ class _Admitted:
 
 
 async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
-    models = served(request)
+    models: ServedModels = scope["app"].state.models
     try:  # refusals before the engine accepts the request are counted by reason
-        admitted = await _validate_and_tokenize(request)
+        admitted = await _validate_and_tokenize(scope, receive, models)
     except BatchdError as exc:
-        engine = models.by_name.get(getattr(request.state, "model", "")) or models.default("embed")
+        engine = models.by_name.get(scope.get("state", {}).get("model", "")) or models.default("embed")
         if engine is not None:
             engine.stats.request_rejected(exc.code or type(exc).__name__)
         raise
     engine = admitted.engine
-    client_gone = DisconnectWatch(request)
+    client_gone = DisconnectWatch(receive)
     try:
         results = await engine.embed(admitted.token_ids, admitted.deadline, client_gone.future, admitted.tokenize_s)
     finally:
@@ -62,10 +61,10 @@ async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, payload, _timing_headers(results, time.monotonic() - admitted.received))
 
 
-async def _validate_and_tokenize(request: Request) -> _Admitted:
-    req, received, deadline = await read_json_request(request, _decoder)
-    engine = served(request).resolve(req.model, "embed")
-    request.state.model = engine.name
+async def _validate_and_tokenize(scope: Scope, receive: Receive, models: ServedModels) -> _Admitted:
+    req, received, deadline = await read_json(scope, receive, _decoder)
+    engine = models.resolve(req.model, "embed")
+    scope.setdefault("state", {})["model"] = engine.name  # request.state.model, for ResponseHooks
     backend = engine.backend
     if req.dimensions is not None and not 1 <= req.dimensions <= backend.dim:
         raise InvalidRequest(f"dimensions must be within 1..{backend.dim}", param="dimensions")

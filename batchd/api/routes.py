@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, TypeVar
 import msgspec
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -53,47 +53,62 @@ def served(request: Request) -> ServedModels:
     return request.app.state.models
 
 
-def server_config(request: Request) -> ServerConfig:
-    return request.app.state.config.server
-
-
 def check_api_key(request: Request) -> None:
-    key = request.app.state.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+    _check_key(request.app.state.api_key, request.headers.get("authorization", ""))
+
+
+def _check_key(key: str | None, given: str) -> None:
+    if key and not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
 async def read_json_request(request: Request, decoder: msgspec.json.Decoder) -> tuple[object, float, float]:
+    return await read_json(request.scope, request.receive, decoder)
+
+
+async def read_json(scope: Scope, receive: Receive, decoder: msgspec.json.Decoder) -> tuple[object, float, float]:
     """Auth, content type, deadline and body checks every POST route makes, then the decoded body.
-    Returns (body, received at, deadline), both on time.monotonic()."""
-    check_api_key(request)
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
-    cfg = server_config(request)
+    Returns (body, received at, deadline), both on time.monotonic(). Reads the raw ASGI headers in
+    one pass: a Starlette Headers lookup scans and encodes on every call."""
+    ctype = length = timeout = None
+    auth = ""
+    for name, value in scope["headers"]:  # ASGI header names are lowercase
+        if name == b"content-type":
+            ctype = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value
+        elif name == b"authorization":
+            auth = value.decode("latin-1")
+        elif name == b"x-request-timeout":
+            timeout = value.decode("latin-1")
+    state = scope["app"].state
+    _check_key(state.api_key, auth)
+    if ctype is not None:
+        ctype = ctype.split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(f"content type {ctype!r} is not supported: send application/json")
+    cfg: ServerConfig = state.config.server
     received = time.monotonic()
-    deadline = received + request_timeout(request, cfg.request_timeout_s)
-    return decode_request(await read_body(request, cfg.max_body_bytes), decoder), received, deadline
+    deadline = received + request_timeout(timeout, cfg.request_timeout_s)
+    return decode_request(await read_body(receive, length, cfg.max_body_bytes), decoder), received, deadline
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass `limit` (never read whole)."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
+        raise PayloadTooLarge(f"request body is {declared.decode()} bytes, over the limit of {limit}")
     chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # gone before sending its whole body: a 499, not an unexpected error
-        raise ClientDisconnected("client disconnected while sending the request body") from None
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # gone before sending its whole body: a 499, not a 500
+            raise ClientDisconnected("client disconnected while sending the request body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_request(body: bytes, decoder: msgspec.json.Decoder):
@@ -111,8 +126,8 @@ def decode_request(body: bytes, decoder: msgspec.json.Decoder):
         raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
 
 
-def request_timeout(request: Request, default: float) -> float:
-    header = request.headers.get("x-request-timeout")
+def request_timeout(header: str | None, default: float) -> float:
+    """The x-request-timeout header's deadline, or the server's."""
     if header is None:
         return default
     try:
@@ -133,9 +148,9 @@ class DisconnectWatch:
 
     WATCH_AFTER_S = 0.25
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, receive: Receive) -> None:
         loop = asyncio.get_running_loop()
-        self._receive = request.receive
+        self._receive = receive
         self.future: asyncio.Future[None] = loop.create_future()
         self._task: asyncio.Task | None = None
         self._timer = loop.call_later(self.WATCH_AFTER_S, self._start)
