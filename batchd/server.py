@@ -28,14 +28,13 @@ def run(config: Config, bind: str | None = None) -> int:
     return 0
 
 
-def run_loop(main) -> None:
+def run_loop(main):
     """asyncio.run on uvloop when it is installed (cheaper per request than the default loop)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class _HypercornConfig(HypercornConfig):
