@@ -32,6 +32,7 @@ class ServerConfig(_Section):
     api_key: str = ""  # empty: no auth; BATCHD_API_KEY in the environment overrides
     log_inputs: bool = False
     workers: int = 1  # front-end processes (HTTP, validation, tokenizing); >1 adds one engine process
+    gil_switch_interval_ms: float = 0.5  # how soon a model thread gets the GIL from a busy event loop (Python: 5)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port must be within 0..65535")
@@ -39,6 +40,7 @@ class ServerConfig(_Section):
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024")
         _check(self.request_timeout_s > 0, "server.request_timeout_s must be > 0")
         _check(self.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0")
+        _check(0 < self.gil_switch_interval_ms <= 100, "server.gil_switch_interval_ms must be within (0, 100]")
 
 
 class BatchingConfig(_Section):

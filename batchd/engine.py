@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Callable
 
-from . import heap
+from . import runtime
 from .backends import Backend, make_backend
 from .config import Config, ModelConfig, ServerConfig
 from .errors import BatchdError, ClientDisconnected, DeadlineExceeded, EngineDead, NotReady, ShuttingDown
@@ -55,7 +55,7 @@ class Engine:
             self._die(exc)
             return
         if self.state == "loading":
-            heap.settle()
+            runtime.settle(self.server_config.gil_switch_interval_ms)
             self._loop_task = asyncio.create_task(self.loop.run(), name=f"batchd-scheduler-{self.name}")
             self._loop_task.add_done_callback(self._loop_ended)
             self.state = "ready"

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import heap
+from .. import runtime
 from ..config import Config
 from ..engine import Engine, make_engine
 from ..metrics import PrometheusMetrics
@@ -85,7 +85,7 @@ def _front_end_lifespan(client):
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await client.connect()  # serve only once the engines' states are known
-        heap.settle()
+        runtime.settle()  # no model thread here: the GC settings only
         try:
             yield
         finally:

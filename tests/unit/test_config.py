@@ -43,6 +43,7 @@ def test_config_is_frozen():
         ("[batching]\nbuckets = [16, 32]\n", "max_length"),
         ("[model]\ndevice = 'tpu'\n", "device"),
         ("[server]\nport = 70000\n", "port"),
+        ("[server]\ngil_switch_interval_ms = 0\n", "gil_switch_interval_ms"),
         ("[batching]\nmax_wait_ms = -1\n", "max_wait_ms"),
         ("[model\n", "TOML"),
     ],
