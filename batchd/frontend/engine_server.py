@@ -28,6 +28,7 @@ from ..config import Config
 from ..engine import make_engine
 from ..errors import BatchdError, InferenceFailed
 from ..metrics import PrometheusMetrics
+from ..server import run_loop
 
 log = logging.getLogger("batchd.engine_server")
 STATE_POLL_S = 0.02
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(config_path, "rb") as f:
         config = msgspec.json.decode(f.read(), type=Config)
     server = EngineServer(config)
-    return asyncio.run(server.run(socket_path))
+    return run_loop(server.run(socket_path))  # uvloop, as the front ends
 
 
 if __name__ == "__main__":
