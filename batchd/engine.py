@@ -89,7 +89,6 @@ class Engine:
             await asyncio.sleep(0.01)
         return False
 
-
     async def close(self) -> None:
         if self.state != "dead":
             self.state = "stopped"

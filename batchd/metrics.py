@@ -4,11 +4,10 @@ system, batchd/ray) builds the same metrics from the same SPECS; the engine only
 `ModelMetrics`: `inc`, `observe`, `set`, and `track` for values read when scraped."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
-
 import itertools
 from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -157,12 +156,13 @@ class _Histograms(Collector):
 
     def __init__(self, specs: list[MetricSpec]) -> None:
         self._specs = {spec.name: spec for spec in specs}
+        self._bounds = {spec.name: tuple(float(b) for b in spec.buckets) for spec in specs}
         self._series: dict[str, dict[tuple[str, ...], _HistogramSeries]] = {spec.name: {} for spec in specs}
 
     def series(self, name: str, labels: tuple[str, ...]) -> _HistogramSeries:
         found = self._series[name].get(labels)
         if found is None:
-            found = self._series[name][labels] = _HistogramSeries(tuple(float(b) for b in self._specs[name].buckets))
+            found = self._series[name][labels] = _HistogramSeries(self._bounds[name])
         return found
 
     def collect(self) -> Iterable[HistogramMetricFamily]:

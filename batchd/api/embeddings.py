@@ -119,7 +119,7 @@ def _encode(vector: np.ndarray, dimensions: int | None, fmt: str) -> np.ndarray 
 
 def _timing_headers(results: list[ItemResult], total_s: float) -> list[tuple[bytes, bytes]]:
     """TEI-style timings, plus the size and padding of the batch the (slowest) input rode in."""
-    slowest = results[0] if len(results) == 1 else max(results, key=lambda r: r.queue_s + r.inference_s)
+    slowest = max(results, key=lambda r: r.queue_s + r.inference_s)
     return [
         (b"x-queue-time", b"%.2f" % (slowest.queue_s * 1e3)),
         (b"x-inference-time", b"%.2f" % (slowest.inference_s * 1e3)),
