@@ -124,3 +124,28 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def process_stats() -> dict[int, list[str]]:
+    """Every live process's /proc/PID/stat fields after its name (fields[1] is the parent's pid,
+    fields[11] and [12] its user and system CPU ticks)."""
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+    return stats
+
+
+def descendants(pid: int, stats: dict[int, list[str]] | None = None) -> set[int]:
+    """Every live process below `pid`, however deep (Ray's GCS, raylet, workers, replicas...)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in (stats if stats is not None else process_stats()).items():
+        children.setdefault(int(fields[1]), []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from batchd.config import load_config
-from batchd.testing import ROOT, ServerProcess
+from batchd.testing import ROOT, ServerProcess, descendants, process_stats
 
 CONFIG = """
 [server]
@@ -85,26 +85,15 @@ def _cpu_by_process() -> dict[int, tuple[str, float]]:
     """CPU seconds so far of every process below this one, with its title (Ray names its actors'
     processes ray::ProxyActor, ray::ServeReplica:..., so the cost of each part shows)."""
     tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    stats: dict[int, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    stats = process_stats()
+    out = {}
+    for pid in descendants(os.getpid(), stats):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        parent[int(stat.parent.name)] = int(fields[1])
-        stats[int(stat.parent.name)] = fields
-    out, me = {}, os.getpid()
-    for pid, fields in stats.items():
-        p = pid
-        while p > 1 and p != me:
-            p = parent.get(p, 0)
-        if p == me and pid != me:
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            out[pid] = (title.split()[0] if title else "?", (int(fields[11]) + int(fields[12])) / tick)
+        fields = stats[pid]
+        out[pid] = (title.split()[0] if title else "?", (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray tests need Ray Serve: pip install .[ray]")
 
-from batchd.testing import ROOT  # noqa: E402
+from batchd.testing import ROOT, descendants  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +23,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Ray's GCS, raylet, agents, workers, replicas)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -83,7 +66,7 @@ metrics_export_port = {_free_port()}
                     break
             assert client.get("/health").status_code == 200
         assert len(instances) == 2, instances
-        started = _descendants(proc.pid)
+        started = descendants(proc.pid)
         assert len(started) >= 5, started  # at least GCS, raylet, controller, proxy, replicas
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
