@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from batchd.server import run_loop
+from batchd.testing import descendants
 
 from . import servers, workload
 from .harness import RESULTS, CpuLayout, Run, wait_idle
@@ -107,13 +108,8 @@ def real_model(run: Run, bodies: Path, config: str, seconds: float, rounds: int 
 
 def _tree_rss_mb(pid: int) -> float:
     """Resident memory of a server and every process below it (front ends, engine)."""
-    from .harness import _children
-
-    def tree(p: int) -> list[int]:
-        return [p, *(d for c in _children(p) for d in tree(c))]
-
     total = 0.0
-    for p in tree(pid):
+    for p in (pid, *descendants(pid)):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
